@@ -1,0 +1,5 @@
+"""The one exception type meant for users: its message names the input and the fix."""
+
+
+class MMLensError(Exception):
+    """A problem with the user's input or set-up, reported in one readable line."""
