@@ -1,0 +1,213 @@
+"""Tiny random LLaVA / LLaVA-NeXT checkpoints built from configs, shared by every test module.
+
+The checkpoints are saved with ``save_pretrained`` (model + processor) to a session temp dir and loaded
+through ``mm_lens.model.load``, exactly as a user's local checkpoint would be.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+IMAGE_SIZE = 32  # vision tower input (px); patch 8 -> 4x4 = 16 image tokens per tile
+PATCH_SIZE = 8
+GRID_PINPOINTS = [[32, 64], [64, 32], [64, 64]]  # LLaVA-NeXT any-res candidates (height, width)
+
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+WORDS = (
+    "\n USER ASSISTANT SYSTEM : ? . , ! ' \" - ( ) / "
+    "Answer answer the question using a single word or phrase "
+    "What what Which which Is is Are are Does does Do do Who Where How Why When "
+    "color colour shape size object objects thing things picture image photo left right top bottom "
+    "of in on at to and or not than more less same different this that there it its "
+    "ball box cube circle square triangle sphere cylinder shapes small large big tiny "
+    "red Red blue Blue green Green yellow Yellow white White black Black gray Gray purple Purple "
+    "orange Orange brown Brown pink Pink "
+    "yes Yes no No one two three four 0 1 2 3 4 5 6 7 8 9 "
+    "man woman dog cat car tree table chair sky grass"
+).split(" ")
+
+LLAVA15_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def vocabulary() -> list[str]:
+    """Special tokens first (ids 0..4), then every word of ``WORDS`` once, in order."""
+    seen: dict[str, None] = dict.fromkeys(SPECIAL)
+    for word in WORDS:
+        if word == "":
+            continue
+        seen.setdefault(word, None)
+    seen.setdefault("\n", None)
+    return list(seen)
+
+
+def build_tokenizer(out_dir: Path):
+    """A WordLevel tokenizer that splits on spaces and punctuation, keeps "\\n" and character offsets."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+            pre_tokenizers.Split(Regex(r"\n|\w+|[^\w\s]"), behavior="isolated"),
+        ]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=512,
+    )
+    return fast
+
+
+def _text_config(vocab_size: int, pad_id: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        initializer_range=0.1,
+        pad_token_id=pad_id,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+
+
+def _vision_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=32,
+    )
+
+
+def build_tiny_checkpoint(out_dir: Path, model_type: str, seed: int = 0) -> Path:
+    """Save a random tiny ``llava`` or ``llava_next`` model + processor to ``out_dir``."""
+    import transformers as tf
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    tokenizer = tf.AutoTokenizer.from_pretrained(out_dir)  # reload: in-memory tokenizers break the bridge
+    vocab_size = len(tokenizer)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    pad_id = tokenizer.pad_token_id
+    common = dict(
+        vision_config=_vision_config(),
+        text_config=_text_config(vocab_size, pad_id),
+        image_token_id=image_token_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    image_kwargs = dict(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    torch.manual_seed(seed)
+    if model_type == "llava":
+        config = tf.LlavaConfig(**common)
+        model = tf.LlavaForConditionalGeneration(config)
+        image_processor = tf.LlavaImageProcessorPil(**image_kwargs)
+        processor_cls = tf.LlavaProcessor
+    elif model_type == "llava_next":
+        config = tf.LlavaNextConfig(image_grid_pinpoints=GRID_PINPOINTS, **common)
+        model = tf.LlavaNextForConditionalGeneration(config)
+        image_processor = tf.LlavaNextImageProcessorPil(image_grid_pinpoints=GRID_PINPOINTS, **image_kwargs)
+        processor_cls = tf.LlavaNextProcessor
+    else:
+        raise ValueError(model_type)
+    model.eval()
+    model.save_pretrained(out_dir)
+    processor = processor_cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA15_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def random_image(width: int = 32, height: int = 32, seed: int = 0) -> Image.Image:
+    """A random RGB PIL image of the given size (deterministic per seed)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), mode="RGB")
+
+
+@pytest.fixture(scope="session")
+def make_image():
+    """Returns ``random_image(width, height, seed)`` so tests can make images of any size."""
+    return random_image
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_path(tmp_path_factory) -> Path:
+    """Checkpoint dir of a random tiny LLaVA-1.5 (CLIP 32 px / patch 8 -> 16 image tokens, Llama 4x64)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llava"), "llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next_path(tmp_path_factory) -> Path:
+    """Checkpoint dir of a random tiny LLaVA-NeXT (any-res tiles of 32 px, pinpoints 32x64/64x32/64x64)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llava-next"), "llava_next")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tiny_llava_path):
+    """``mm_lens.model.load`` of the tiny LLaVA checkpoint (shared; do not mutate)."""
+    from mm_lens.model import load
+
+    return load(str(tiny_llava_path))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next(tiny_llava_next_path):
+    """``mm_lens.model.load`` of the tiny LLaVA-NeXT checkpoint (shared; do not mutate)."""
+    from mm_lens.model import load
+
+    return load(str(tiny_llava_next_path))
