@@ -1,0 +1,307 @@
+"""The six GQA task sets of the study as typed records, and safe opening of a row's image.
+
+A row that cannot be analysed (malformed box, missing or broken image) is never a crash: the loader
+records the box problem on the `Sample`, and `check_sample` / `open_image` raise `SampleSkip` with a
+readable reason, so a run can skip the row, log the reason and summarise the reasons at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from mm_lens.errors import MMLensError
+
+TASKS = ("ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr")
+
+REQUIRED_COLUMNS = ("question_id", "img_id", "question", "answer", "image_w", "image_h")
+# Box column groups: one object of interest ("central object") or up to two ("object1", "object2").
+BOX_PREFIXES = (("central object",), ("object1", "object2"))
+MISSING = "-"  # marks an absent second object in the GQA files
+
+
+@dataclass(frozen=True)
+class Box:
+    """An object's box in pixels of the original image; (x, y) is the top-left corner."""
+
+    x: float
+    y: float
+    w: float
+    h: float
+    name: str = ""
+
+    @property
+    def x1(self) -> float:
+        return self.x + self.w
+
+    @property
+    def y1(self) -> float:
+        return self.y + self.h
+
+    def clip(self, width: float, height: float) -> Box | None:
+        """This box cut to the image ``width`` x ``height``; None when nothing of it is inside."""
+        x0, y0 = max(self.x, 0.0), max(self.y, 0.0)
+        x1, y1 = min(self.x1, float(width)), min(self.y1, float(height))
+        if x1 <= x0 or y1 <= y0:
+            return None
+        return Box(x0, y0, x1 - x0, y1 - y0, self.name)
+
+    def scaled(self, sx: float, sy: float) -> Box:
+        return Box(self.x * sx, self.y * sy, self.w * sx, self.h * sy, self.name)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One question of a task set. ``box_problem`` says why the boxes are unusable (None when fine)."""
+
+    question_id: str
+    img_id: str
+    question: str
+    answer: str
+    true_option: str | None
+    false_option: str | None
+    image_w: int
+    image_h: int
+    boxes: tuple[Box, ...]
+    task: str
+    box_problem: str | None = None
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The answer options offered by the question (Choose* sets), else ()."""
+        return tuple(o for o in (self.true_option, self.false_option) if o)
+
+
+class SampleSkip(MMLensError):
+    """This one sample cannot be analysed; the run skips it and records ``reason``.
+
+    ``kind`` is a short category without per-row details ("image not found", "malformed box", ...), so a
+    run can count the reasons in its final summary.
+    """
+
+    def __init__(self, question_id: str, reason: str, kind: str):
+        super().__init__(f"question {question_id}: {reason}")
+        self.question_id = question_id
+        self.reason = reason
+        self.kind = kind
+
+    def record(self) -> Skip:
+        return Skip(self.question_id, self.reason, self.kind)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A skipped sample and why, as a run records it."""
+
+    question_id: str
+    reason: str
+    kind: str
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def task_path(name_or_path: str | Path) -> Path:
+    """The CSV for a task name (case-insensitive, e.g. "ChooseAttr") or an existing CSV path."""
+    text = str(name_or_path)
+    by_lower = {t.lower(): t for t in TASKS}
+    if text.lower() in by_lower and not Path(text).is_file():
+        task = by_lower[text.lower()]
+        return Path(str(resources.files("mm_lens.data").joinpath("gqa", f"{task}.csv")))
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    raise MMLensError(
+        f"dataset {text!r} is neither a task name ({', '.join(TASKS)}) nor an existing CSV file; "
+        "pass one of the task names or the path of a CSV with the GQA task columns"
+    )
+
+
+def load_task(name_or_path: str | Path) -> list[Sample]:
+    """Every row of a task set as a `Sample`. Rows with malformed boxes are kept with ``box_problem`` set."""
+    path = task_path(name_or_path)
+    task = path.stem
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise MMLensError(f"cannot read dataset {path}: {err}; pass a UTF-8 CSV file") from err
+    if not columns:
+        raise MMLensError(f"dataset {path} is empty (no header row); pass a CSV with the GQA task columns")
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise MMLensError(
+            f"dataset {path} is missing required column {missing[0]!r}"
+            + (f" (and {', '.join(map(repr, missing[1:]))})" if missing[1:] else "")
+            + f"; required columns are {', '.join(REQUIRED_COLUMNS)}"
+        )
+    prefixes = _box_prefixes(columns, path)
+    if not rows:
+        raise MMLensError(f"dataset {path} has a header but no rows; pass a CSV with at least one question")
+    return [_sample(row, task, prefixes) for row in rows]
+
+
+def _box_prefixes(columns: list[str], path: Path) -> tuple[str, ...]:
+    """Which box column group the file uses; a group present only in part is an error naming the gap."""
+    for group in BOX_PREFIXES:
+        first = group[0]
+        wanted = [f"{first} {k}" for k in "xywh"]
+        if any(c in columns for c in wanted):
+            gaps = [c for c in wanted if c not in columns]
+            if gaps:
+                raise MMLensError(
+                    f"dataset {path} is missing required column {gaps[0]!r} (box columns are "
+                    f"'{first} x', '{first} y', '{first} w', '{first} h')"
+                )
+            present = [p for p in group if all(f"{p} {k}" in columns for k in "xywh")]
+            return tuple(present)
+    return ()  # a user's CSV without boxes: patch-level regions are then unavailable for its rows
+
+
+def _sample(row: dict[str, str], task: str, prefixes: tuple[str, ...]) -> Sample:
+    qid = _cell(row, "question_id")
+    problem = None
+    width, height = _positive_int(_cell(row, "image_w")), _positive_int(_cell(row, "image_h"))
+    if width is None or height is None:
+        problem = f"image size {_cell(row, 'image_w')!r} x {_cell(row, 'image_h')!r} is not two positive integers"
+        width, height = width or 0, height or 0
+    boxes: list[Box] = []
+    for prefix in prefixes:
+        if problem:
+            break
+        box, problem = _box(row, prefix)
+        if box is None:
+            continue
+        clipped = box.clip(width, height)
+        if clipped is None:
+            problem = f"{prefix} box {_box_text(box)} lies outside the {width}x{height} image"
+        else:
+            boxes.append(clipped)
+    if prefixes and not boxes and problem is None:
+        problem = f"no box given ({prefixes[0]} x/y/w/h are '-')"
+    return Sample(
+        question_id=qid,
+        img_id=_cell(row, "img_id"),
+        question=_cell(row, "question"),
+        answer=_cell(row, "answer"),
+        true_option=_cell(row, "true option") or None,
+        false_option=_cell(row, "false option") or None,
+        image_w=width,
+        image_h=height,
+        boxes=tuple(boxes) if problem is None else (),
+        task=task,
+        box_problem=problem,
+    )
+
+
+def _box(row: dict[str, str], prefix: str) -> tuple[Box | None, str | None]:
+    """Parse one object's box: (box, None); (None, None) for an absent object ('-'); (None, reason)."""
+    cells = {k: _cell(row, f"{prefix} {k}") for k in "xywh"}
+    if all(v in (MISSING, "") for v in cells.values()):
+        return None, None  # the caller reports "no box" when no object of the row has one
+    values = {}
+    for k, text in cells.items():
+        try:
+            value = float(text)
+        except ValueError:
+            return None, f"{prefix} box has non-numeric {k} {text!r}"
+        if not math.isfinite(value):
+            return None, f"{prefix} box has non-finite {k} {text!r}"
+        values[k] = value
+    if values["w"] <= 0 or values["h"] <= 0:
+        return None, f"{prefix} box has non-positive size w={cells['w']} h={cells['h']}"
+    name = _cell(row, f"{prefix} name")
+    return Box(values["x"], values["y"], values["w"], values["h"], "" if name == MISSING else name), None
+
+
+def _cell(row: dict[str, str], column: str) -> str:
+    value = row.get(column)
+    return "" if value is None else value.strip()
+
+
+def _positive_int(text: str) -> int | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(value) or value <= 0 or value != int(value):
+        return None
+    return int(value)
+
+
+def _box_text(box: Box) -> str:
+    return f"(x={box.x:g}, y={box.y:g}, w={box.w:g}, h={box.h:g})"
+
+
+# ------------------------------------------------------------------------------------------ per-sample use
+
+
+def check_sample(sample: Sample, need_boxes: bool = True) -> None:
+    """Raise `SampleSkip` when ``need_boxes`` and the row's boxes are malformed or absent."""
+    if not need_boxes:
+        return
+    if sample.box_problem:
+        kind = "no box" if sample.box_problem.startswith("no box") else "malformed box"
+        raise SampleSkip(sample.question_id, sample.box_problem, kind)
+    if not sample.boxes:
+        raise SampleSkip(sample.question_id, "the row gives no object box", "no box")
+
+
+def image_path(images_dir: str | Path, sample: Sample) -> Path:
+    """``<images_dir>/<img_id>.jpg``, or another common extension when that is what exists."""
+    folder = Path(images_dir).expanduser()
+    default = folder / f"{sample.img_id}.jpg"
+    if default.exists():
+        return default
+    for ext in (".jpeg", ".png", ".JPG", ".JPEG", ".PNG"):
+        candidate = folder / f"{sample.img_id}{ext}"
+        if candidate.exists():
+            return candidate
+    return default
+
+
+def open_image(images_dir: str | Path, sample: Sample):
+    """The row's image as RGB, fully decoded; `SampleSkip` if it is missing, unreadable or truncated."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = image_path(images_dir, sample)
+    qid = sample.question_id
+    if not path.is_file():
+        raise SampleSkip(qid, f"image {path} not found (img_id {sample.img_id})", "image not found")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so a truncated file fails here and not inside the model
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise SampleSkip(qid, f"image {path} is not a readable image file", "image unreadable") from None
+    except (OSError, ValueError, SyntaxError) as err:  # PIL reports truncation and corrupt data as OSError
+        raise SampleSkip(qid, f"image {path} is unreadable or truncated ({err})", "image unreadable") from None
+
+
+def boxes_for(sample: Sample, width: int, height: int) -> tuple[Box, ...]:
+    """The sample's boxes in the pixels of an image of ``width`` x ``height``.
+
+    GQA boxes are in the row's ``image_w`` x ``image_h``; a user's resized copy of the image gets the boxes
+    scaled to match, so related patches stay on the object.
+    """
+    if (width, height) == (sample.image_w, sample.image_h) or not sample.image_w or not sample.image_h:
+        return sample.boxes
+    sx, sy = width / sample.image_w, height / sample.image_h
+    return tuple(b.scaled(sx, sy) for b in sample.boxes)
+
+
+def summarise_skips(skips: Iterable[Skip | SampleSkip]) -> str:
+    """One line per kind of reason with its count, most frequent first."""
+    kinds = Counter(s.kind for s in skips)
+    if not kinds:
+        return "no samples skipped"
+    lines = [f"{sum(kinds.values())} sample(s) skipped:"]
+    lines += [f"  {n:>6}  {kind}" for kind, n in kinds.most_common()]
+    return "\n".join(lines)
