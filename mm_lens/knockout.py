@@ -1,0 +1,172 @@
+"""Attention knockout as TransformerLens hooks: blocked (target, source) scores become -inf before softmax.
+
+A knockout is a set of edges ``(target positions, source positions)`` applied at a set of layers. Each layer
+gets one hook on ``blocks.{l}.attn.hook_attn_scores`` (pre-softmax scores, ``batch head q_pos k_pos``), so the
+softmax renormalises every target row over the sources it may still see and blocked weights are exactly 0.
+Positions are absolute; with a KV cache (``q_pos < k_pos``) target ``p`` lives in row ``p - (k_len - q_len)``
+and targets outside the live query window are skipped.
+
+A target keeps its own position unless an edge lists it as a source (``"Last->Last"`` does). A request that
+would leave a target row with no source at all raises `MMLensError` naming the edge, because the row would
+otherwise silently attend to causally masked (future) positions or become NaN.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mm_lens.errors import MMLensError
+
+if TYPE_CHECKING:
+    from mm_lens.regions import RegionMap
+
+HookFn = Callable[..., Tensor]
+Edge = tuple[Sequence[int], Sequence[int]]
+
+#: Region names every `RegionMap` understands (span names such as "True Option" exist only when requested).
+REGION_NAMES = ("Image", "Question", "Last", "Related Image Patches", "Other Image Patches")
+#: The blocks of the study, in the order its figures use.
+STUDY_BLOCKS = ("Image->Question", "Image->Last", "Question->Last", "Last->Last")
+
+
+def hook_name(layer: int) -> str:
+    """Name of the pre-softmax attention-score hook of one layer."""
+    return f"blocks.{layer}.attn.hook_attn_scores"
+
+
+@dataclass(frozen=True)
+class Block:
+    """A named knockout edge: the `target` region may no longer attend to the `source` region."""
+
+    source: str
+    target: str
+
+    def __str__(self) -> str:
+        return f"{self.source}->{self.target}"
+
+
+def parse_block(text: str, extra_names: Iterable[str] = ()) -> Block:
+    """Parse ``"Source->Target"`` into a `Block`; names must be region names (or `extra_names`, e.g. spans)."""
+    valid = list(REGION_NAMES) + [n for n in extra_names if n not in REGION_NAMES]
+    hint = f"valid region names: {', '.join(repr(n) for n in valid)}"
+    if not isinstance(text, str) or text.count("->") != 1:
+        raise MMLensError(
+            f"knockout block {text!r} is not of the form 'Source->Target' (e.g. 'Image->Question'); {hint}"
+        )
+    source, target = (part.strip() for part in text.split("->"))
+    for role, name in (("source", source), ("target", target)):
+        if not name:
+            raise MMLensError(f"knockout block {text!r} has no {role} region; write 'Source->Target' with {hint}")
+        if name not in valid:
+            raise MMLensError(f"knockout block {text!r}: unknown {role} region {name!r}; {hint}")
+    return Block(source=source, target=target)
+
+
+def _as_positions(positions: Sequence[int], what: str) -> list[int]:
+    out = sorted({int(p) for p in positions})
+    if out and out[0] < 0:
+        raise MMLensError(f"knockout {what} positions must be absolute (>= 0), got {out[0]}")
+    return out
+
+
+def check_rows(edges: Sequence[Edge], names: Sequence[str] | None = None) -> None:
+    """Raise `MMLensError` if the edges together would block every source (0..p) of some target p."""
+    blocked: dict[int, set[int]] = {}
+    culprit: dict[int, list[str]] = {}
+    for i, (targets, sources) in enumerate(edges):
+        label = names[i] if names else f"edge {i}"
+        src = set(int(s) for s in sources)
+        for t in targets:
+            blocked.setdefault(int(t), set()).update(src)
+            culprit.setdefault(int(t), []).append(label)
+    for t, src in blocked.items():
+        ordered = sorted(src)
+        if bisect.bisect_right(ordered, t) == t + 1:  # every position 0..t is blocked
+            raise MMLensError(
+                f"knockout {' + '.join(dict.fromkeys(culprit[t]))} would leave target position {t} with no "
+                f"position to attend to (all of 0..{t} blocked); keep at least one source for every target, "
+                "e.g. do not block the first token or the target itself"
+            )
+
+
+class _KnockoutHook:
+    """Hook fn setting the scores of blocked (target, source) pairs to -inf; edges use absolute positions."""
+
+    def __init__(self, edges: Sequence[Edge], names: Sequence[str] | None = None):
+        self.edges = [
+            (
+                torch.tensor(_as_positions(t, "target"), dtype=torch.long),
+                torch.tensor(_as_positions(s, "source"), dtype=torch.long),
+            )
+            for t, s in edges
+        ]
+        self.names = list(names) if names else [f"edge {i}" for i in range(len(edges))]
+        check_rows([(t.tolist(), s.tolist()) for t, s in self.edges], self.names)
+
+    def __call__(self, scores: Float[Tensor, "batch head q_pos k_pos"], hook=None) -> Tensor:
+        q_len, k_len = scores.shape[-2], scores.shape[-1]
+        offset = k_len - q_len  # cached positions before the first live query
+        todo = []
+        for targets, sources in self.edges:
+            rows = targets - offset
+            rows = rows[(rows >= 0) & (rows < q_len)]
+            cols = sources[sources < k_len]
+            if rows.numel() and cols.numel():
+                todo.append((rows.to(scores.device), cols.to(scores.device)))
+        if not todo:
+            return scores
+        if scores.requires_grad and torch.is_grad_enabled():
+            scores = scores.clone()
+        all_rows = torch.unique(torch.cat([r for r, _ in todo]))
+        floor = torch.finfo(scores.dtype).min  # the bridge's causal/padding mask value
+        alive_before = (scores[..., all_rows, :] > floor).any(-1)
+        for rows, cols in todo:
+            scores[..., rows[:, None], cols[None, :]] = -torch.inf
+        emptied = alive_before & ~(scores[..., all_rows, :] > floor).any(-1)
+        if bool(emptied.any()):
+            row = int(all_rows[emptied.nonzero()[0, -1]]) + offset
+            where = f" at {hook.name}" if getattr(hook, "name", None) else ""
+            raise MMLensError(
+                f"knockout {' + '.join(self.names)}{where} left target position {row} with no visible source "
+                "(the attention mask already hid the rest); keep at least one source for every target"
+            )
+        return scores
+
+
+def knockout_hook(targets: Sequence[int], sources: Sequence[int], name: str | None = None) -> HookFn:
+    """Hook fn for ``hook_attn_scores`` blocking attention from `targets` to `sources` (absolute positions)."""
+    return _KnockoutHook([(targets, sources)], [name] if name else None)
+
+
+def knockout_hooks(
+    edges: Sequence[Edge], layers: Iterable[int], names: Sequence[str] | None = None
+) -> list[tuple[str, HookFn]]:
+    """One ``(hook name, fn)`` per layer applying all `edges`; pass them to ``run_with_hooks``."""
+    edges = list(edges)
+    if not edges:
+        return []
+    fn = _KnockoutHook(edges, names)
+    return [(hook_name(int(layer)), fn) for layer in sorted(set(layers))]
+
+
+def block_positions(regions: RegionMap, block: str | Block) -> Edge:
+    """``(targets, sources)`` of a named block, resolved through `RegionMap.positions`."""
+    if not isinstance(block, Block):
+        block = parse_block(block, extra_names=getattr(regions, "spans", {}) or {})
+    return regions.positions(block.target), regions.positions(block.source)
+
+
+def block_hooks(
+    regions: RegionMap, block: str | Block | Sequence[str | Block], layers: Iterable[int]
+) -> list[tuple[str, HookFn]]:
+    """Hooks knocking out one named block (or several together) at `layers`."""
+    blocks = [block] if isinstance(block, (str, Block)) else list(block)
+    edges = [block_positions(regions, b) for b in blocks]
+    return knockout_hooks(edges, layers, names=[str(b) for b in blocks])
