@@ -23,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mm_lens.errors import MMLensError
+from mm_lens.regions import ALIASES, REGION_NAMES
 
 if TYPE_CHECKING:
     from mm_lens.regions import RegionMap
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
 HookFn = Callable[..., Tensor]
 Edge = tuple[Sequence[int], Sequence[int]]
 
-#: Region names every `RegionMap` understands (span names such as "True Option" exist only when requested).
-REGION_NAMES = ("Image", "Question", "Last", "Related Image Patches", "Other Image Patches")
 #: The blocks of the study, in the order its figures use.
 STUDY_BLOCKS = ("Image->Question", "Image->Last", "Question->Last", "Last->Last")
 
@@ -53,8 +52,12 @@ class Block:
 
 
 def parse_block(text: str, extra_names: Iterable[str] = ()) -> Block:
-    """Parse ``"Source->Target"`` into a `Block`; names must be region names (or `extra_names`, e.g. spans)."""
-    valid = list(REGION_NAMES) + [n for n in extra_names if n not in REGION_NAMES]
+    """Parse ``"Source->Target"`` into a `Block`; names must be region names (or `extra_names`, e.g. spans).
+
+    Names match case-insensitively and come back spelled as in `REGION_NAMES` / the study aliases.
+    """
+    valid = list(dict.fromkeys([*REGION_NAMES, *ALIASES, *extra_names]))
+    by_lower = {n.lower(): n for n in valid}
     hint = f"valid region names: {', '.join(repr(n) for n in valid)}"
     if not isinstance(text, str) or text.count("->") != 1:
         raise MMLensError(
@@ -64,9 +67,9 @@ def parse_block(text: str, extra_names: Iterable[str] = ()) -> Block:
     for role, name in (("source", source), ("target", target)):
         if not name:
             raise MMLensError(f"knockout block {text!r} has no {role} region; write 'Source->Target' with {hint}")
-        if name not in valid:
+        if name.lower() not in by_lower:
             raise MMLensError(f"knockout block {text!r}: unknown {role} region {name!r}; {hint}")
-    return Block(source=source, target=target)
+    return Block(source=by_lower[source.lower()], target=by_lower[target.lower()])
 
 
 def _as_positions(positions: Sequence[int], what: str) -> list[int]:
@@ -159,7 +162,7 @@ def knockout_hooks(
 def block_positions(regions: RegionMap, block: str | Block) -> Edge:
     """``(targets, sources)`` of a named block, resolved through `RegionMap.positions`."""
     if not isinstance(block, Block):
-        block = parse_block(block, extra_names=getattr(regions, "spans", {}) or {})
+        block = parse_block(block, extra_names=list(getattr(regions, "spans", None) or {}))
     return regions.positions(block.target), regions.positions(block.source)
 
 

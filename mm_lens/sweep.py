@@ -1,0 +1,267 @@
+"""Layer sweep: probability of the greedy first answer token, base vs. knockout of a block over a window of layers.
+
+For each block and each layer l the knockout is applied at ``layer_window(l, k, n_layers)``; the result is one
+row per (block, layer) with the base probability, the knockout probability and the relative change in percent.
+How the knockout probabilities are computed is an *engine* (``ENGINES``): ``"reference"`` runs one full forward
+per (block, window); faster engines plug in with the same signature.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mm_lens.data.gqa import Sample, SampleSkip, Skip, boxes_for, check_sample
+from mm_lens.errors import MMLensError
+from mm_lens.knockout import Block, block_hooks, parse_block
+from mm_lens.regions import ALIASES, OTHER, RELATED
+from mm_lens.lens import forward_args
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from mm_lens.model import HookedLlava
+    from mm_lens.regions import MultimodalInput
+
+FLOW_COLUMNS = ["question_id", "block", "layer", "base_prob", "knockout_prob", "relative_change_pct"]
+PATCH_REGIONS = (RELATED, OTHER, *ALIASES)  # regions that need the objects' boxes
+
+
+def layer_window(layer: int, k: int, n_layers: int) -> range:
+    """Layers knocked out around `layer`: ``[layer - k//2, layer + ceil(k/2))`` clipped to ``[0, n_layers)``."""
+    if not 0 < k <= n_layers:
+        raise MMLensError(f"window {k} must be between 1 and the model's {n_layers} layers")
+    if not 0 <= layer < n_layers:
+        raise MMLensError(f"layer {layer} is outside the model's layers 0..{n_layers - 1}")
+    return range(max(0, layer - k // 2), min(n_layers, layer + math.ceil(k / 2)))
+
+
+# ---------------------------------------------------------------- greedy answer
+
+
+def normalize_answer(text: str) -> str:
+    """Answer as the study compares it: up to the first newline, stripped, lower case, final period dropped."""
+    text = text.split("\n", 1)[0].strip().lower()
+    if text.endswith("."):
+        text = text[:-1].rstrip()
+    return text
+
+
+@dataclass
+class Greedy:
+    """The model's greedy answer: normalised text, the first token and its base probability."""
+
+    text: str
+    first_token: int
+    first_prob: float
+    token_ids: list[int] = field(default_factory=list)
+
+
+def greedy_answer(model: HookedLlava, inp: MultimodalInput, max_new_tokens: int = 10, fwd_hooks=()) -> Greedy:
+    """Greedy decoding with the bridge and its KV cache, up to EOS, a newline or `max_new_tokens`."""
+    bridge, tokenizer = model.bridge, model.tokenizer
+    input_ids, kwargs = forward_args(inp)
+    eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.hf_model.generation_config, "eos_token_id", None)))
+    eos.discard(None)
+    generated: list[int] = []
+    with torch.inference_mode(), bridge.hooks(fwd_hooks=list(fwd_hooks)):
+        logits, cache = bridge(input_ids, return_type="logits_and_cache", **kwargs)
+        probs = logits[0, -1].float().softmax(-1)
+        first = int(probs.argmax())
+        first_prob = float(probs[first])
+        token = first
+        for _ in range(max_new_tokens):
+            if token in eos:
+                break
+            generated.append(token)
+            if "\n" in tokenizer.decode(generated, skip_special_tokens=True) or len(generated) == max_new_tokens:
+                break
+            step = torch.tensor([[token]], device=input_ids.device)
+            logits, cache = bridge(step, return_type="logits_and_cache", past_key_values=cache)
+            token = int(logits[0, -1].argmax())
+    text = normalize_answer(tokenizer.decode(generated, skip_special_tokens=True))
+    return Greedy(text=text, first_token=first, first_prob=first_prob, token_ids=generated)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple, set)) else [value]
+
+
+# ---------------------------------------------------------------- engines
+
+#: An engine returns knockout probabilities of `token`, shape ``[block, layer]`` (one window per layer).
+Engine = Callable[..., Float[Tensor, "block layer"]]
+
+
+def reference_engine(
+    model: HookedLlava,
+    inp: MultimodalInput,
+    blocks: Sequence[Block],
+    windows: Sequence[range],
+    token: int,
+    progress: bool = False,
+) -> Float[Tensor, "block layer"]:
+    """One full forward with the knockout hooks per (block, window): slow and plain, the ground truth."""
+    input_ids, kwargs = forward_args(inp)
+    out = torch.empty(len(blocks), len(windows))
+    jobs = [(b, w) for b in range(len(blocks)) for w in range(len(windows))]
+    with torch.inference_mode():
+        for b, w in tqdm(jobs, desc="knockout", unit="fwd", leave=False, disable=not progress):
+            hooks = block_hooks(inp.regions, blocks[b], windows[w])
+            logits = model.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, **kwargs)
+            out[b, w] = logits[0, -1].float().softmax(-1)[token]
+    return out
+
+
+#: Engines by name; a faster engine (issue 4) registers itself here with the `reference_engine` signature.
+ENGINES: dict[str, Engine] = {"reference": reference_engine}
+
+
+def get_engine(name: str) -> Engine:
+    """The engine called `name`, with an error listing the available ones."""
+    if name not in ENGINES:
+        raise MMLensError(f"unknown sweep engine {name!r}; available: {', '.join(sorted(ENGINES))}")
+    return ENGINES[name]
+
+
+# ---------------------------------------------------------------- sweep
+
+
+def sweep(
+    model: HookedLlava,
+    inp: MultimodalInput,
+    blocks: Sequence[str | Block],
+    window: int = 9,
+    engine: str = "reference",
+    question_id: str = "",
+    greedy: Greedy | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Rows ``question_id, block, layer, base_prob, knockout_prob, relative_change_pct`` for one input.
+
+    The tracked token is the greedy first answer token (pass `greedy` to reuse a decoding already done).
+    """
+    parsed = [b if isinstance(b, Block) else parse_block(b, extra_names=list(inp.regions.spans or {})) for b in blocks]
+    if not parsed:
+        raise MMLensError("sweep needs at least one block, e.g. 'Image->Question'")
+    n_layers = model.n_layers
+    windows = [layer_window(layer, window, n_layers) for layer in range(n_layers)]
+    run = get_engine(engine)
+    if greedy is None:
+        with torch.inference_mode():
+            input_ids, kwargs = forward_args(inp)
+            probs = model.bridge(input_ids, **kwargs)[0, -1].float().softmax(-1)
+        token, base = int(probs.argmax()), float(probs.max())
+    else:
+        token, base = greedy.first_token, greedy.first_prob
+    ko = run(model, inp, parsed, windows, token, progress=progress)
+    rows = []
+    for b, block in enumerate(parsed):
+        for layer in range(n_layers):
+            p = float(ko[b, layer])
+            rows.append(
+                {
+                    "question_id": str(question_id),
+                    "block": str(block),
+                    "layer": layer,
+                    "base_prob": base,
+                    "knockout_prob": p,
+                    "relative_change_pct": (p - base) / base * 100.0 if base > 0 else float("nan"),
+                }
+            )
+    return pd.DataFrame(rows, columns=FLOW_COLUMNS)
+
+
+@dataclass
+class FlowResult:
+    """A sweep over many samples: the long table, how many were kept, and why the others were skipped."""
+
+    table: pd.DataFrame
+    n_samples: int  # samples looked at
+    n_wrong: int  # skipped because the greedy answer was wrong
+    skips: list[Skip] = field(default_factory=list)  # every skipped sample with its reason
+
+    @property
+    def n_kept(self) -> int:
+        return self.n_samples - len(self.skips)
+
+
+def _prepare_kwargs(sample, blocks: Sequence[Block], image) -> dict:
+    """Extra `prepare` arguments a block set needs: option spans and object boxes."""
+    names = {n for b in blocks for n in (b.source, b.target)}
+    kwargs: dict = {}
+    spans = {}
+    for name, attr in (("True Option", "true_option"), ("False Option", "false_option")):
+        if name in names and getattr(sample, attr, None):
+            spans[name] = getattr(sample, attr)
+    if spans:
+        kwargs["spans"] = spans
+    if names & set(PATCH_REGIONS):
+        check_sample(sample, need_boxes=True)
+        kwargs["boxes"] = list(boxes_for(sample, *image.size))
+    return kwargs
+
+
+def sweep_samples(
+    model: HookedLlava,
+    samples: Iterable[Sample],
+    load_image: Callable[[Sample], Image],
+    blocks: Sequence[str],
+    window: int = 9,
+    all_samples: bool = False,
+    engine: str = "reference",
+    progress: bool = True,
+) -> FlowResult:
+    """Sweep every sample; wrongly answered ones are skipped and counted unless ``all_samples=True``.
+
+    `load_image` may raise `SampleSkip` (missing image, bad box): that sample is skipped with its reason.
+    """
+    from mm_lens.regions import prepare
+
+    parsed = [parse_block(b, extra_names=("True Option", "False Option")) for b in blocks]
+    get_engine(engine)
+    samples = list(samples)
+    tables, skips, n_wrong = [], [], 0
+    bar = tqdm(samples, desc="flow", unit="sample", disable=not progress)
+    for sample in bar:
+        try:
+            image = load_image(sample)
+            inp = prepare(model, image, sample.question, **_prepare_kwargs(sample, parsed, image))
+        except SampleSkip as skip:
+            skips.append(skip.record(str(sample.question_id)))
+            continue
+        greedy = greedy_answer(model, inp)
+        if not all_samples and greedy.text != normalize_answer(str(sample.answer)):
+            n_wrong += 1
+            reason = f"model answered {greedy.text!r}, gold {sample.answer!r}"
+            skips.append(Skip(str(sample.question_id), reason, "wrong answer"))
+            bar.set_postfix(wrong=n_wrong)
+            continue
+        tables.append(sweep(model, inp, parsed, window, engine, question_id=sample.question_id, greedy=greedy))
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=FLOW_COLUMNS)
+    return FlowResult(table=table, n_samples=len(samples), n_wrong=n_wrong, skips=skips)
+
+
+__all__ = [
+    "ENGINES",
+    "FLOW_COLUMNS",
+    "FlowResult",
+    "Greedy",
+    "get_engine",
+    "greedy_answer",
+    "layer_window",
+    "normalize_answer",
+    "reference_engine",
+    "sweep",
+    "sweep_samples",
+]
