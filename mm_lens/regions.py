@@ -174,6 +174,10 @@ def prepare(
         return_offsets_mapping=True,
         return_text_replacement_offsets=True,
     )
+    if "offset_mapping" not in enc:
+        raise MMLensError(
+            f"the tokenizer of {model.name!r} gives no character offsets; load a fast (tokenizers) tokenizer"
+        )
     input_ids = enc["input_ids"]
     offsets = enc["offset_mapping"][0].tolist()
     shift = _char_shifter(enc.get("text_replacement_offsets"))
