@@ -230,6 +230,7 @@ def sweep_samples(
 
     parsed = [parse_block(b, extra_names=("True Option", "False Option")) for b in blocks]
     get_engine(engine)
+    layer_window(0, window, model.n_layers)  # a bad window fails before any sample is run
     samples = list(samples)
     tables, skips, n_wrong = [], [], 0
     bar = tqdm(samples, desc="flow", unit="sample", disable=not progress)

@@ -1,0 +1,138 @@
+"""``mm-lens`` command line: argument parsing and wiring only (the work lives in the library modules)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mm_lens.errors import MMLensError
+from mm_lens.knockout import STUDY_BLOCKS
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id (llava / llava_next)")
+    p.add_argument("--dataset", required=True, help="task name (e.g. ChooseAttr) or CSV with GQA task columns")
+    p.add_argument("--images", required=True, help="folder holding <img_id>.jpg")
+    p.add_argument("--out", required=True, help="output folder (created if needed)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows of the dataset")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: the bridge's choice)")
+    p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mm-lens", description="Cross-modal information flow in LLaVA models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    flow = sub.add_parser("flow", help="attention-knockout layer sweep -> flow.csv, flow.html")
+    _common(flow)
+    flow.add_argument(
+        "--block",
+        action="append",
+        dest="blocks",
+        help=f"knockout block 'Source->Target', repeatable (default: {', '.join(STUDY_BLOCKS)})",
+    )
+    flow.add_argument("--window", type=int, default=9, help="layers knocked out around each layer (default 9)")
+    flow.add_argument("--all-samples", action="store_true", help="keep samples the model answers wrongly")
+    flow.add_argument("--engine", default=None, help="sweep engine: 'fast' or 'reference' (default: the library's)")
+    flow.set_defaults(func=cmd_flow)
+
+    lens = sub.add_parser("lens", help="answer logit lens -> lens.csv, lens.html")
+    _common(lens)
+    lens.set_defaults(func=cmd_lens)
+    return parser
+
+
+def _samples_and_loader(args):
+    from mm_lens.data.gqa import load_task, open_image
+
+    samples = load_task(args.dataset)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise MMLensError(f"--limit {args.limit} must be at least 1")
+        samples = samples[: args.limit]
+    images = Path(args.images).expanduser()
+    if not images.is_dir():
+        raise MMLensError(f"--images {args.images!r} is not a folder; pass the folder holding <img_id>.jpg")
+    return samples, lambda sample: open_image(images, sample)
+
+
+def _load(args):
+    from mm_lens.model import load
+
+    return load(args.model, device=args.device, dtype=args.dtype)
+
+
+def _out_dir(args) -> Path:
+    out = Path(args.out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MMLensError(f"cannot create --out folder {args.out!r}: {err}") from err
+    return out
+
+
+def _report(what: str, n_samples: int, skips, written: Sequence[Path]) -> None:
+    from mm_lens.data.gqa import summarise_skips
+
+    print(f"{what}: {n_samples - len(skips)} of {n_samples} sample(s) analysed", file=sys.stderr)
+    if skips:
+        print(summarise_skips(skips), file=sys.stderr)
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def cmd_flow(args) -> None:
+    from mm_lens.knockout import parse_block
+    from mm_lens.plots import flow_figure
+    from mm_lens.sweep import get_engine, sweep_samples
+
+    blocks = args.blocks or list(STUDY_BLOCKS)
+    for block in blocks:  # fail on a typo before loading anything
+        parse_block(block, extra_names=("True Option", "False Option"))
+    engine = {}
+    if args.engine:
+        get_engine(args.engine)  # an unknown name fails before the model loads
+        engine["engine"] = args.engine
+    samples, load_image = _samples_and_loader(args)
+    out = _out_dir(args)
+    model = _load(args)
+    result = sweep_samples(
+        model, samples, load_image, blocks, window=args.window, all_samples=args.all_samples, **engine
+    )
+    csv_path, html_path = out / "flow.csv", out / "flow.html"
+    result.table.to_csv(csv_path, index=False)
+    flow_figure(result.table).write_html(html_path, include_plotlyjs=True)
+    _report("flow", result.n_samples, result.skips, [csv_path, html_path])
+
+
+def cmd_lens(args) -> None:
+    from mm_lens.lens import lens_samples
+    from mm_lens.plots import lens_figure
+
+    samples, load_image = _samples_and_loader(args)
+    out = _out_dir(args)
+    model = _load(args)
+    result = lens_samples(model, samples, load_image)
+    csv_path, html_path = out / "lens.csv", out / "lens.html"
+    result.table.to_csv(csv_path, index=False)
+    lens_figure(result.table).write_html(html_path, include_plotlyjs=True)
+    _report("lens", result.n_samples, result.skips, [csv_path, html_path])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; an `MMLensError` becomes one line on stderr and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MMLensError as err:
+        print("mm-lens: error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

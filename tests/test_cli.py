@@ -1,0 +1,141 @@
+"""``mm-lens flow`` / ``mm-lens lens`` end to end on the tiny LLaVA and a three-row CSV with generated images."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mm_lens.cli import main
+from mm_lens.data.gqa import load_task, open_image
+from mm_lens.regions import prepare
+from mm_lens.sweep import greedy_answer
+
+ROWS = [
+    ("q1", "img1", "What color is the ball ?", "red", "", ""),
+    ("q2", "img2", "Is the cube red or blue ?", "blue", "blue", "red"),
+    ("q3", "img3", "Is there a dog ?", "no", "", ""),
+]
+
+
+def write_dataset(folder: Path, make_image, answers=None) -> tuple[Path, Path]:
+    """A GQA-style CSV plus an images folder with <img_id>.jpg; `answers` overrides the gold answers."""
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    path = folder / "tasks.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["question_id", "img_id", "question", "answer", "true option", "false option", "image_w", "image_h"])
+        for i, (qid, img, question, answer, true, false) in enumerate(ROWS):
+            make_image(40 + 8 * i, 32, seed=10 + i).save(images / f"{img}.jpg")
+            gold = answers[i] if answers else answer
+            writer.writerow([qid, img, question, gold, true, false, 40 + 8 * i, 32])
+    return path, images
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, make_image):
+    return write_dataset(tmp_path_factory.mktemp("cli-data"), make_image)
+
+
+def test_flow_writes_table_and_figure(tiny_llava_path, dataset, tmp_path, capsys):
+    csv_path, images = dataset
+    out = tmp_path / "flow"
+    argv = ["flow", "--model", str(tiny_llava_path), "--dataset", str(csv_path), "--images", str(images)]
+    argv += ["--block", "Image->Question", "--block", "Last->Last", "--window", "3", "--all-samples", "--out", str(out)]
+    assert main(argv) == 0
+    table = pd.read_csv(out / "flow.csv", dtype={"question_id": str})
+    assert list(table.columns) == ["question_id", "block", "layer", "base_prob", "knockout_prob", "relative_change_pct"]
+    assert len(table) == 3 * 2 * 4  # samples x blocks x layers
+    assert set(table.question_id) == {"q1", "q2", "q3"}
+    assert set(table.block) == {"Image->Question", "Last->Last"}
+    assert sorted(table.layer.unique()) == [0, 1, 2, 3]
+    assert table.base_prob.between(0, 1).all() and table.knockout_prob.between(0, 1).all()
+    html = (out / "flow.html").read_text()
+    assert "plotly" in html
+    assert all(name.replace(">", "\\u003e") in html for name in ("Image->Question", "Last->Last"))  # JSON-escaped
+    assert "3 of 3 sample(s) analysed" in capsys.readouterr().err
+
+
+def test_flow_skips_and_counts_wrong_answers(tiny_llava, tiny_llava_path, make_image, tmp_path, capsys):
+    csv_path, images = write_dataset(tmp_path / "data", make_image)
+    first = load_task(csv_path)[0]  # the model's own answer on row 1 becomes its gold answer
+    right = greedy_answer(tiny_llava, prepare(tiny_llava, open_image(images, first), first.question)).text
+    csv_path, images = write_dataset(tmp_path / "data", make_image, answers=[right, "blue", "no"])
+    out = tmp_path / "flow"
+    argv = ["flow", "--model", str(tiny_llava_path), "--dataset", str(csv_path), "--images", str(images)]
+    assert main(argv + ["--block", "Image->Last", "--window", "2", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "flow.csv", dtype={"question_id": str})
+    assert set(table.question_id) == {"q1"} and len(table) == 4
+    err = capsys.readouterr().err
+    assert "1 of 3 sample(s) analysed" in err
+    assert "2 sample(s) skipped" in err and "wrong answer" in err
+
+
+def test_flow_limit_and_missing_image(tiny_llava_path, dataset, tmp_path, capsys):
+    csv_path, images = dataset
+    partial = tmp_path / "images"
+    shutil.copytree(images, partial)
+    (partial / "img2.jpg").unlink()
+    argv = ["flow", "--model", str(tiny_llava_path), "--dataset", str(csv_path), "--images", str(partial)]
+    argv += ["--block", "Image->Last", "--window", "1", "--all-samples", "--limit", "2", "--engine", "reference"]
+    argv += ["--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    table = pd.read_csv(tmp_path / "o" / "flow.csv", dtype={"question_id": str})
+    assert set(table.question_id) == {"q1"}
+    err = capsys.readouterr().err
+    assert "1 of 2 sample(s) analysed" in err and "image not found" in err
+
+
+def test_lens_writes_table_and_figure(tiny_llava_path, dataset, tmp_path):
+    csv_path, images = dataset
+    out = tmp_path / "lens"
+    argv = ["lens", "--model", str(tiny_llava_path), "--dataset", str(csv_path), "--images", str(images)]
+    assert main(argv + ["--out", str(out)]) == 0
+    table = pd.read_csv(out / "lens.csv", dtype={"question_id": str})
+    assert list(table.columns) == ["question_id", "layer", "form", "prob"]
+    forms = table.groupby("question_id").form.unique().map(set).to_dict()
+    assert forms["q1"] == {"answer_lower", "answer_capitalized"}
+    assert forms["q2"] == {"answer_lower", "answer_capitalized", "false_option_lower", "false_option_capitalized"}
+    assert len(table) == 4 * (2 + 4 + 2)  # layers x forms per row
+    assert table.prob.between(0, 1).all()
+    assert "answer_capitalized" in (out / "lens.html").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--block", "Foo->Last"], "unknown source region 'Foo'"),
+        (["--block", "Image->"], "no target region"),
+        (["--window", "9"], "window 9"),
+        (["--engine", "warp"], "unknown sweep engine"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(tiny_llava_path, dataset, tmp_path, capsys, extra, message):
+    csv_path, images = dataset
+    argv = ["flow", "--model", str(tiny_llava_path), "--dataset", str(csv_path), "--images", str(images)]
+    assert main(argv + extra + ["--out", str(tmp_path / "o")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: model-loading progress
+    assert last.startswith("mm-lens: error:") and message in last
+
+
+def test_missing_images_folder(tiny_llava_path, dataset, tmp_path, capsys):
+    csv_path, _ = dataset
+    argv = ["lens", "--model", str(tiny_llava_path), "--dataset", str(csv_path), "--images", str(tmp_path / "nope")]
+    assert main(argv + ["--out", str(tmp_path / "o")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_console_script_exit_code(dataset, tmp_path):
+    csv_path, images = dataset
+    exe = Path(sys.executable).with_name("mm-lens")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mm_lens.cli"]
+    args = ["flow", "--model", "m", "--dataset", str(csv_path), "--images", str(images), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd + args + ["--block", "Foo->Last"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("mm-lens: error:") and len(proc.stderr.strip().splitlines()) == 1
