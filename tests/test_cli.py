@@ -16,6 +16,7 @@ from mm_lens.data.gqa import load_task, open_image
 from mm_lens.regions import prepare
 from mm_lens.sweep import greedy_answer
 
+COLUMNS = ["question_id", "img_id", "question", "answer", "true option", "false option", "image_w", "image_h"]
 ROWS = [
     ("q1", "img1", "What color is the ball ?", "red", "", ""),
     ("q2", "img2", "Is the cube red or blue ?", "blue", "blue", "red"),
@@ -30,7 +31,7 @@ def write_dataset(folder: Path, make_image, answers=None) -> tuple[Path, Path]:
     path = folder / "tasks.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["question_id", "img_id", "question", "answer", "true option", "false option", "image_w", "image_h"])
+        writer.writerow(COLUMNS)
         for i, (qid, img, question, answer, true, false) in enumerate(ROWS):
             make_image(40 + 8 * i, 32, seed=10 + i).save(images / f"{img}.jpg")
             gold = answers[i] if answers else answer

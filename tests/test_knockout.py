@@ -136,7 +136,8 @@ def test_hooks_compose_with_user_hooks(tiny_llava, make_image):
         seen["resid"] = True
         return resid * 1.0
 
-    composed = run(tiny_llava, input_ids, kwargs, ko + [(hook_name(2), user_scores), ("blocks.0.hook_resid_post", user_resid)])
+    user = [(hook_name(2), user_scores), ("blocks.0.hook_resid_post", user_resid)]
+    composed = run(tiny_llava, input_ids, kwargs, ko + user)
     assert seen["resid"] and bool(torch.isneginf(seen["scores"]).all())
     torch.testing.assert_close(composed, alone, atol=0, rtol=0)
 
