@@ -84,14 +84,15 @@ class SampleSkip(MMLensError):
     run can count the reasons in its final summary.
     """
 
-    def __init__(self, question_id: str, reason: str, kind: str):
-        super().__init__(f"question {question_id}: {reason}")
+    def __init__(self, reason: str, kind: str, question_id: str | None = None):
+        super().__init__(f"question {question_id}: {reason}" if question_id else reason)
         self.question_id = question_id
         self.reason = reason
         self.kind = kind
 
-    def record(self) -> Skip:
-        return Skip(self.question_id, self.reason, self.kind)
+    def record(self, question_id: str | None = None) -> Skip:
+        """The skip as a run records it; ``question_id`` fills in an id the raiser did not know."""
+        return Skip(question_id or self.question_id or "", self.reason, self.kind)
 
 
 @dataclass(frozen=True)
@@ -249,9 +250,9 @@ def check_sample(sample: Sample, need_boxes: bool = True) -> None:
         return
     if sample.box_problem:
         kind = "no box" if sample.box_problem.startswith("no box") else "malformed box"
-        raise SampleSkip(sample.question_id, sample.box_problem, kind)
+        raise SampleSkip(sample.box_problem, kind, sample.question_id)
     if not sample.boxes:
-        raise SampleSkip(sample.question_id, "the row gives no object box", "no box")
+        raise SampleSkip("the row gives no object box", "no box", sample.question_id)
 
 
 def image_path(images_dir: str | Path, sample: Sample) -> Path:
@@ -274,15 +275,15 @@ def open_image(images_dir: str | Path, sample: Sample):
     path = image_path(images_dir, sample)
     qid = sample.question_id
     if not path.is_file():
-        raise SampleSkip(qid, f"image {path} not found (img_id {sample.img_id})", "image not found")
+        raise SampleSkip(f"image {path} not found (img_id {sample.img_id})", "image not found", qid)
     try:
         with Image.open(path) as img:
             img.load()  # decode now, so a truncated file fails here and not inside the model
             return img.convert("RGB")
     except UnidentifiedImageError:
-        raise SampleSkip(qid, f"image {path} is not a readable image file", "image unreadable") from None
+        raise SampleSkip(f"image {path} is not a readable image file", "image unreadable", qid) from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL reports truncation and corrupt data as OSError
-        raise SampleSkip(qid, f"image {path} is unreadable or truncated ({err})", "image unreadable") from None
+        raise SampleSkip(f"image {path} is unreadable or truncated ({err})", "image unreadable", qid) from None
 
 
 def boxes_for(sample: Sample, width: int, height: int) -> tuple[Box, ...]:
