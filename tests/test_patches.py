@@ -318,3 +318,24 @@ def test_real_row_with_box_in_the_cropped_margin():
               enumerate((r, c) for r in range(24) for c in range(24))]
     with pytest.raises(SampleSkip, match="fan .* lies outside the centre crop"):
         patches.split_patches(geometry, tokens, s.boxes)
+
+
+def test_patches_figure_outlines_the_related_patches(tiny_llava_next):
+    from mm_lens.plots import patches_figure
+
+    image, box = grey(64, 32), Box(0, 0, 32, 16, "quarter")
+    r = prepare(tiny_llava_next, image, QUESTION).regions
+    found = patches.patch_sets(tiny_llava_next, image.size, r, [box])
+    fig = patches_figure(image, found, boxes=[box])
+    traces = {t.name.split(" (")[0]: t for t in fig.data}
+    assert set(traces) == {"image", "other patches", "related patches", "object boxes"}
+    related = traces["related patches"]
+    # "auto" draws the any-res tiles: tile 1, rows 0-1, 4 cols -> 8 rectangles of 6 path points each
+    assert related.name == "related patches (8)" and len(related.x) == 8 * 6
+    # the tile patches are 8x8 processed px = 8x8 original px here; the top-left one is [0, 8) x [0, 8)
+    assert (min(v for v in related.x if v is not None), max(v for v in related.y if v is not None)) == (-0.5, 15.5)
+    base = patches_figure(image, found, tiles="base")
+    assert [t.name for t in base.data if t.name.startswith("related")] == ["related patches (4)"]
+    with pytest.raises(MMLensError, match="tiles="):
+        patches_figure(image, found, tiles="some")
+    fig.to_json()
