@@ -1,0 +1,63 @@
+"""The fast engine gives the reference engine's knockout probabilities (fp32, within 1e-5)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mm_lens.engine import fast_engine
+from mm_lens.knockout import Block, parse_block
+from mm_lens.lens import forward_args
+from mm_lens.regions import prepare
+from mm_lens.sweep import layer_window, reference_engine
+
+BLOCKS = ["Image->Question", "Question->Last", "Image->Last", "Last->Last", "True Option->Last"]
+
+
+@pytest.fixture(params=["tiny_llava", "tiny_llava_next"])
+def model(request):
+    return request.getfixturevalue(request.param)
+
+
+def _inputs(model, make_image):
+    inp = prepare(model, make_image(40, 28, seed=3), "Is the square red or blue?", spans={"True Option": "red"})
+    blocks = [parse_block(b, extra_names=["True Option"]) for b in BLOCKS]
+    return inp, blocks
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_fast_engine_equals_reference(model, make_image, k):
+    inp, blocks = _inputs(model, make_image)
+    windows = [layer_window(layer, k, model.n_layers) for layer in range(model.n_layers)]
+    token = 7
+    ref = reference_engine(model, inp, blocks, windows, token)
+    fast = fast_engine(model, inp, blocks, windows, token)
+    assert fast.shape == ref.shape == (len(blocks), model.n_layers)
+    assert torch.allclose(fast, ref, atol=1e-5, rtol=0), (fast - ref).abs().max()
+    # The comparison matters only if the knockouts really move the output.
+    ids, kwargs = forward_args(inp)
+    with torch.inference_mode():
+        clean = model.bridge(ids, **kwargs)[0, -1].softmax(-1)[token]
+    assert (ref[0] - clean).abs().max() > 1e-6
+
+
+def test_fast_engine_batches_of_one_and_mid_sequence_targets(tiny_llava, make_image):
+    """A tiny memory budget forces one window per batch; a target set starting mid-question still matches."""
+    inp, _ = _inputs(tiny_llava, make_image)
+    q = inp.regions.question
+    mid = q[len(q) // 2:]
+    image = inp.regions.image_positions
+
+    class Regions:  # a custom region: the second half of the question
+        @staticmethod
+        def positions(name):
+            return {"Mid": mid, "Image": image}[name]
+
+    inp = dataclasses.replace(inp, regions=Regions())
+    windows = [layer_window(layer, 2, tiny_llava.n_layers) for layer in range(tiny_llava.n_layers)]
+    blocks = [Block("Image", "Mid")]
+    ref = reference_engine(tiny_llava, inp, blocks, windows, 11)
+    fast = fast_engine(tiny_llava, inp, blocks, windows, 11, memory_budget=1)
+    assert torch.allclose(fast, ref, atol=1e-5, rtol=0)
