@@ -82,3 +82,530 @@ def patches_figure(image, patches, boxes=(), tiles: str = "auto", title: str = "
     fig.update_yaxes(range=[height - 0.5, -0.5], showgrid=False, zeroline=False, scaleanchor="x")
     fig.update_layout(title=title, legend=dict(orientation="h"))
     return fig
+
+
+# ------------------------------------------------------------------------------------------ statistics
+#
+# Bands are 95% (by default) Student-t confidence intervals of the mean over samples:
+# mean +- t_{(1+level)/2, n-1} * sd / sqrt(n). With one sample there is no band.
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) by Lentz's continued fraction (Numerical Recipes 6.4)."""
+    import math
+
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only on this side
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)))
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return front * h / a
+
+
+def t_cdf(t: float, df: float) -> float:
+    """Student-t cumulative distribution function."""
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """Student-t quantile (inverse CDF) by bisection; e.g. ``t_quantile(0.975, 9) == 2.262...``."""
+    if not 0.0 < p < 1.0 or df <= 0:
+        raise MMLensError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def mean_ci(df: pd.DataFrame, by: list[str], value: str, level: float = 0.95) -> pd.DataFrame:
+    """Per group of ``by``: ``mean``, ``lo``, ``hi`` (Student-t interval of the mean at ``level``), ``n``, ``sd``.
+
+    Groups of one sample get ``lo = hi = NaN`` (no interval). NaN values (e.g. a zero base probability) are
+    left out of their group.
+    """
+    import numpy as np
+
+    if not 0.0 < level < 1.0:
+        raise MMLensError(f"confidence level {level} must be between 0 and 1, e.g. 0.95")
+    _need(df, [*by, value], "summary")
+    grouped = df.dropna(subset=[value]).groupby(by, sort=True)[value]
+    out = grouped.agg(mean="mean", sd="std", n="count").reset_index()
+    half = np.full(len(out), np.nan)
+    for i, (sd, n) in enumerate(zip(out["sd"], out["n"])):
+        if n > 1:
+            half[i] = t_quantile((1.0 + level) / 2.0, n - 1) * sd / np.sqrt(n)
+    out["lo"] = out["mean"] - half
+    out["hi"] = out["mean"] + half
+    return out[[*by, "mean", "lo", "hi", "n", "sd"]]
+
+
+# ------------------------------------------------------------------------------------------ layer curves
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
+LENS_LABELS = {
+    "answer_lower": "answer (lower case)",
+    "answer_capitalized": "Answer (capitalised)",
+    "false_option_lower": "false option (lower case)",
+    "false_option_capitalized": "False option (capitalised)",
+}
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _block_order(blocks) -> list[str]:
+    """Study blocks first in the study's order, then any others in order of appearance."""
+    from mm_lens.knockout import STUDY_BLOCKS
+
+    seen = list(dict.fromkeys(str(b) for b in blocks))
+    return [b for b in STUDY_BLOCKS if b in seen] + [b for b in seen if b not in STUDY_BLOCKS]
+
+
+def _block_styles(blocks) -> dict[str, dict]:
+    return {b: dict(color=PALETTE[i % len(PALETTE)]) for i, b in enumerate(_block_order(blocks))}
+
+
+def _lens_styles(forms) -> dict[str, dict]:
+    """Answer forms in blue, false-option forms in red; capitalised forms dashed."""
+    styles, extra = {}, 0
+    for form in dict.fromkeys(forms):
+        if form.startswith("answer"):
+            color = PALETTE[0]
+        elif form.startswith("false_option"):
+            color = PALETTE[1]
+        else:
+            color = PALETTE[2 + extra % (len(PALETTE) - 2)]
+            extra += 1
+        styles[form] = dict(color=color, dash="dash" if form.endswith("capitalized") else "solid")
+    return styles
+
+
+def _add_curves(
+    fig: go.Figure,
+    summary: pd.DataFrame,
+    key: str,
+    styles: dict[str, dict],
+    labels: dict[str, str],
+    unit: str,
+    clip: tuple[float, float] | None = None,
+    row: int | None = None,
+    col: int | None = None,
+    legend_shown: set | None = None,
+) -> None:
+    """A mean line and a shaded interval per group of ``key``; one legend entry per group per figure."""
+    import numpy as np
+
+    where = dict(row=row, col=col) if row is not None else {}
+    fmt = ".1f" if unit == "%" else ".3f"
+    for name, style in styles.items():
+        part = summary[summary[key] == name].sort_values("layer")
+        if part.empty:
+            continue
+        label = labels.get(name, name)
+        color = style["color"]
+        lo, hi = part["lo"].to_numpy(float), part["hi"].to_numpy(float)
+        if clip is not None:
+            lo, hi = np.clip(lo, *clip), np.clip(hi, *clip)
+        ok = ~np.isnan(lo)
+        if ok.any():
+            x = part["layer"].to_numpy()[ok]
+            fig.add_trace(
+                go.Scatter(
+                    x=np.concatenate([x, x[::-1]]),
+                    y=np.concatenate([hi[ok], lo[ok][::-1]]),
+                    fill="toself",
+                    mode="lines",
+                    fillcolor=_rgba(color, 0.18),
+                    line=dict(width=0),
+                    hoverinfo="skip",
+                    legendgroup=label,
+                    showlegend=False,
+                    name=f"{label} (interval)",
+                ),
+                **where,
+            )
+        show = legend_shown is None or label not in legend_shown
+        if legend_shown is not None:
+            legend_shown.add(label)
+        fig.add_trace(
+            go.Scatter(
+                x=part["layer"],
+                y=part["mean"],
+                customdata=np.stack([lo, hi, part["n"].to_numpy()], axis=1),
+                mode="lines+markers",
+                marker=dict(size=5),
+                line=dict(color=color, width=2, dash=style.get("dash", "solid")),
+                name=label,
+                legendgroup=label,
+                showlegend=show,
+                hovertemplate=(
+                    f"<b>{label}</b><br>layer %{{x}}<br>mean %{{y:{fmt}}}{unit}"
+                    f"<br>CI [%{{customdata[0]:{fmt}}}, %{{customdata[1]:{fmt}}}]<br>n = %{{customdata[2]}}"
+                    "<extra></extra>"
+                ),
+            ),
+            **where,
+        )
+
+
+def _n_samples(df: pd.DataFrame) -> int:
+    return int(df["question_id"].nunique()) if "question_id" in df.columns else 0
+
+
+def _subtitle(df: pd.DataFrame, level: float) -> str:
+    n = _n_samples(df)
+    samples = f"{n} sample{'s' if n != 1 else ''}, " if n else ""
+    return f"<sup>mean over {samples}band: {level:.0%} t-interval of the mean</sup>"
+
+
+def flow_curves(
+    df: pd.DataFrame,
+    blocks: list[str] | None = None,
+    level: float = 0.95,
+    title: str = "Attention knockout: change in answer probability",
+) -> go.Figure:
+    """The study's main figure: per layer, the mean relative change (%) of the answer probability when a block
+    is knocked out around that layer, one line per block with a `level` Student-t confidence band."""
+    _need(df, ["block", "layer", "relative_change_pct"], "flow")
+    if df.empty:
+        raise MMLensError("the flow table is empty (no sample kept); run more samples or pass all_samples=True")
+    blocks = _block_order(blocks or df["block"].unique())
+    summary = mean_ci(df, ["block", "layer"], "relative_change_pct", level)
+    fig = go.Figure()
+    _add_curves(fig, summary, "block", {b: s for b, s in _block_styles(blocks).items()}, {}, "%")
+    fig.add_hline(y=0, line_dash="dot", line_color="gray")
+    fig.update_layout(
+        title=f"{title}<br>{_subtitle(df, level)}",
+        xaxis_title="layer (centre of the knocked-out window)",
+        yaxis_title="relative change in probability (%)",
+        legend_title_text="block (source->target)",
+        template="plotly_white",
+        hovermode="closest",
+    )
+    return fig
+
+
+def lens_curves(
+    df: pd.DataFrame,
+    forms: list[str] | None = None,
+    level: float = 0.95,
+    title: str = "Answer logit lens",
+) -> go.Figure:
+    """Per layer, the mean probability of each answer form (lower case / capitalised answer and false option)
+    read through the final norm and unembedding, with a `level` t-interval band (clipped to [0, 1])."""
+    _need(df, ["form", "layer", "prob"], "lens")
+    if df.empty:
+        raise MMLensError("the lens table is empty; run the lens on at least one sample")
+    forms = list(forms or df["form"].unique())
+    summary = mean_ci(df, ["form", "layer"], "prob", level)
+    fig = go.Figure()
+    _add_curves(fig, summary, "form", _lens_styles(forms), LENS_LABELS, "", clip=(0.0, 1.0))
+    fig.update_layout(
+        title=f"{title}<br>{_subtitle(df, level)}",
+        xaxis_title="layer",
+        yaxis_title="probability of the first token",
+        yaxis_range=[0, 1],
+        template="plotly_white",
+    )
+    return fig
+
+
+def _by_task(tables) -> dict[str, pd.DataFrame]:
+    """``{task: table}`` from a mapping, or from one table with a ``task`` column."""
+    if isinstance(tables, pd.DataFrame):
+        _need(tables, ["task"], "per-task")
+        return {str(t): part for t, part in tables.groupby("task", sort=False)}
+    return {str(t): part for t, part in dict(tables).items()}
+
+
+def _facets(
+    tables,
+    key: str,
+    value: str,
+    styles_for,
+    labels: dict[str, str],
+    unit: str,
+    level: float,
+    title: str,
+    y_title: str,
+    clip: tuple[float, float] | None,
+    columns: int,
+) -> go.Figure:
+    import math
+
+    from plotly.subplots import make_subplots
+
+    per_task = {t: df for t, df in _by_task(tables).items() if not df.empty}
+    if not per_task:
+        raise MMLensError("no task has any row to plot; pass tables with at least one sample")
+    for task, df in per_task.items():
+        _need(df, [key, "layer", value], f"{task!r}")
+    columns = max(1, min(columns, len(per_task)))
+    rows = math.ceil(len(per_task) / columns)
+    titles = [f"{t} (n={_n_samples(df)})" if _n_samples(df) else t for t, df in per_task.items()]
+    fig = make_subplots(
+        rows=rows, cols=columns, subplot_titles=titles, shared_yaxes=True,
+        horizontal_spacing=0.04, vertical_spacing=0.12 if rows > 1 else 0.1,
+    )
+    styles = styles_for(pd.concat([df[key] for df in per_task.values()]).unique())
+    shown: set = set()
+    for i, df in enumerate(per_task.values()):
+        r, c = divmod(i, columns)
+        summary = mean_ci(df, [key, "layer"], value, level)
+        _add_curves(fig, summary, key, styles, labels, unit, clip=clip, row=r + 1, col=c + 1, legend_shown=shown)
+        if unit == "%":
+            fig.add_hline(y=0, line_dash="dot", line_color="gray", row=r + 1, col=c + 1)
+    fig.update_xaxes(title_text="layer", row=rows)
+    fig.update_yaxes(title_text=y_title, col=1)
+    if clip is not None:
+        fig.update_yaxes(range=list(clip))
+    fig.update_layout(
+        title=f"{title}<br><sup>band: {level:.0%} t-interval of the mean over samples</sup>",
+        template="plotly_white",
+        height=max(380, 300 * rows + 80),
+        legend=dict(orientation="h", yanchor="top", y=-0.22 if rows == 1 else -0.1, x=0),
+        margin=dict(b=110),
+    )
+    return fig
+
+
+def flow_tasks_figure(
+    tables, level: float = 0.95, columns: int = 3, title: str = "Attention knockout per task"
+) -> go.Figure:
+    """The main figure across tasks: one panel per task (shared y axis, same colour per block).
+    ``tables`` is ``{task: flow table}`` or one flow table with a ``task`` column."""
+    return _facets(
+        tables, "block", "relative_change_pct", _block_styles, {}, "%", level, title,
+        "relative change (%)", None, columns,
+    )
+
+
+def lens_tasks_figure(tables, level: float = 0.95, columns: int = 3, title: str = "Answer logit lens per task"):
+    """The logit lens across tasks: one panel per task; ``tables`` as for `flow_tasks_figure`."""
+    return _facets(
+        tables, "form", "prob", _lens_styles, LENS_LABELS, "", level, title, "probability", (0.0, 1.0), columns
+    )
+
+
+# ------------------------------------------------------------------------------------------ patches
+
+
+def patch_table(regions, values, patches=None, column: str | None = None, layer: int | None = None) -> pd.DataFrame:
+    """One row per image patch: ``position, tile, row, col, x0, y0, x1, y1, value``.
+
+    ``values``: ``{position: value}``, a Series indexed by position, a long table with a ``position`` column
+    (e.g. `mm_lens.attention.image_attention`; pick ``layer`` and the value ``column``), or ``"related"`` for
+    the related (1) / other (0) mask. Rectangles come from ``patches.footprints`` (original image pixels, a
+    `mm_lens.patches.PatchSets`) when given, else from ``regions.patch_box`` (processed tile pixels).
+    """
+    import numpy as np
+
+    if isinstance(values, str):
+        if values != "related":
+            raise MMLensError(f"values={values!r}: pass a mapping position -> value, a table, or 'related'")
+        related = set(patches.related if patches is not None else (regions.related or []))
+        other = set(patches.other if patches is not None else (regions.other or []))
+        if not related:
+            raise MMLensError("no related patches to show; pass patches=patch_sets(...) or prepare(..., boxes=...)")
+        mapping = {p: 1.0 for p in related} | {p: 0.0 for p in other}
+    elif isinstance(values, pd.DataFrame):
+        if "position" not in values.columns:
+            raise MMLensError("a values table needs a 'position' column (absolute image-token positions)")
+        part = values
+        if "layer" in part.columns:
+            layers = sorted(part["layer"].unique())
+            if layer is None and len(layers) > 1:
+                raise MMLensError(f"the values table holds layers {layers}; pick one with layer=...")
+            if layer is not None:
+                part = part[part["layer"] == layer]
+                if part.empty:
+                    raise MMLensError(f"layer {layer} is not in the values table (layers: {layers})")
+        if column is None:
+            column = next((c for c in ("value", "attention", "mass") if c in part.columns), None)
+        if column is None or column not in part.columns:
+            raise MMLensError(f"values column {column!r} not in the table; pass column=... (one of {list(part.columns)})")
+        mapping = dict(zip(part["position"].astype(int), part[column].astype(float)))
+    else:
+        mapping = {int(k): float(v) for k, v in dict(values).items()}
+    rows = []
+    for i, pos in enumerate(regions.image_positions):
+        if regions.is_newline[i] or pos not in mapping:
+            continue
+        if patches is not None:
+            rect = patches.footprints.get(pos)
+        else:
+            rect = regions.patch_box[i] if i < len(regions.patch_box) else None
+        if rect is None:
+            continue
+        rows.append(
+            dict(position=pos, tile=regions.patch_tile[i], row=regions.patch_row[i], col=regions.patch_col[i],
+                 x0=rect[0], y0=rect[1], x1=rect[2], y1=rect[3], value=mapping[pos])
+        )
+    if not rows:
+        raise MMLensError("none of the given positions is an image patch of this region map")
+    out = pd.DataFrame(rows)
+    out["value"] = out["value"].astype(float).replace([np.inf, -np.inf], np.nan)
+    return out
+
+
+def _edges(starts, stops) -> list[float]:
+    return [*starts, stops[-1]]
+
+
+def patch_values_figure(
+    image,
+    table: pd.DataFrame,
+    value_name: str = "value",
+    tiles: str = "base",
+    title: str = "Image patches",
+    colorscale: str = "Viridis",
+    opacity: float = 0.6,
+    zrange: tuple[float, float] | None = None,
+) -> go.Figure:
+    """The image with its patches coloured by a per-patch value (a `patch_table`); hovering a patch shows its
+    tile, row, column, sequence position and value. ``tiles``: "base" (tile 0, the whole image) or "anyres"
+    (LLaVA-NeXT's high-resolution crops). The rectangles must be in the pixel frame of ``image``."""
+    import numpy as np
+
+    _need(table, ["tile", "row", "col", "x0", "y0", "x1", "y1", "value", "position"], "patch")
+    if tiles not in ("base", "anyres"):
+        raise MMLensError(f"tiles={tiles!r} is not one of 'base', 'anyres'")
+    pixels = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+    height, width = pixels.shape[:2]
+    part = table[(table["tile"] == 0) if tiles == "base" else (table["tile"] > 0)]
+    part = part[(part["row"] >= 0) & (part["col"] >= 0)]
+    if part.empty:
+        raise MMLensError(f"no patch of the table lies in the {tiles!r} tile(s)")
+    if part["x1"].max() > width + 1 or part["y1"].max() > height + 1:
+        raise MMLensError(
+            f"patch rectangles reach ({part['x1'].max():g}, {part['y1'].max():g}) but the image is {width}x{height}; "
+            "pass the original image with patches=patch_sets(...) in patch_table, or the processed tile"
+        )
+    values = part["value"].to_numpy(float)
+    is_mask = set(np.unique(values[~np.isnan(values)])) <= {0.0, 1.0}
+    lo, hi = zrange or (np.nanmin(values), np.nanmax(values))
+    fig = go.Figure(go.Image(z=pixels, name="image", hoverinfo="skip"))
+    for k, (tile, cells) in enumerate(part.groupby("tile", sort=True)):
+        rows_ = sorted(cells["row"].unique())
+        cols_ = sorted(cells["col"].unique())
+        by_col = cells.groupby("col")
+        by_row = cells.groupby("row")
+        x_edges = _edges(by_col["x0"].median().loc[cols_].to_numpy(), by_col["x1"].median().loc[cols_].to_numpy())
+        y_edges = _edges(by_row["y0"].median().loc[rows_].to_numpy(), by_row["y1"].median().loc[rows_].to_numpy())
+        z = np.full((len(rows_), len(cols_)), np.nan)
+        custom = np.full((len(rows_), len(cols_), 4), np.nan)
+        r_at = {r: i for i, r in enumerate(rows_)}
+        c_at = {c: j for j, c in enumerate(cols_)}
+        for rec in cells.itertuples():
+            i, j = r_at[rec.row], c_at[rec.col]
+            z[i, j] = rec.value
+            custom[i, j] = (rec.row, rec.col, rec.position, rec.tile)
+        fig.add_trace(
+            go.Heatmap(
+                x=np.clip(np.asarray(x_edges, float), 0, width) - 0.5,
+                y=np.clip(np.asarray(y_edges, float), 0, height) - 0.5,
+                z=z,
+                customdata=custom,
+                zmin=lo,
+                zmax=hi,
+                colorscale=[[0, "rgb(40,90,220)"], [1, "rgb(230,40,40)"]] if is_mask else colorscale,
+                opacity=opacity,
+                hoverongaps=False,
+                showscale=k == 0,
+                colorbar=dict(title=value_name, tickvals=[0, 1], ticktext=["other", "related"]) if is_mask
+                else dict(title=value_name),
+                name=f"tile {tile}",
+                hovertemplate=(
+                    "tile %{customdata[3]}, row %{customdata[0]}, col %{customdata[1]}"
+                    f"<br>position %{{customdata[2]}}<br>{value_name}: %{{z:.4g}}<extra></extra>"
+                ),
+            )
+        )
+    fig.update_xaxes(range=[-0.5, width - 0.5], showgrid=False, zeroline=False, visible=False)
+    fig.update_yaxes(range=[height - 0.5, -0.5], showgrid=False, zeroline=False, scaleanchor="x", visible=False)
+    fig.update_layout(title=title, template="plotly_white")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+def attention_figure(
+    df: pd.DataFrame,
+    title: str = "Attention between regions",
+    targets: list[str] | None = None,
+    sources: list[str] | None = None,
+) -> go.Figure:
+    """Heatmap of layers x (target <- source): the mean (over samples) share of a target region's attention on
+    each source region, from a `mm_lens.attention.attention_mass` table (``layer, target, source, mass``)."""
+    import numpy as np
+
+    _need(df, ["layer", "target", "source", "mass"], "attention")
+    if df.empty:
+        raise MMLensError("the attention table is empty; run attention_mass on at least one sample")
+    targets = list(targets or dict.fromkeys(df["target"]))
+    sources = list(sources or dict.fromkeys(df["source"]))
+    summary = mean_ci(df, ["layer", "target", "source"], "mass")
+    layers = sorted(summary["layer"].unique())
+    columns = [(t, s) for t in targets for s in sources]
+    z = np.full((len(layers), len(columns)), np.nan)
+    n = np.zeros_like(z)
+    at = {(r.layer, r.target, r.source): (r.mean, r.n) for r in summary.itertuples()}
+    for i, layer in enumerate(layers):
+        for j, (t, s) in enumerate(columns):
+            z[i, j], n[i, j] = at.get((layer, t, s), (np.nan, 0))
+    labels = [f"{t} ← {s}" for t, s in columns]
+    fig = go.Figure(
+        go.Heatmap(
+            x=labels,
+            y=layers,
+            z=z,
+            customdata=n,
+            zmin=0,
+            zmax=1,
+            colorscale="Blues",
+            texttemplate="%{z:.2f}",
+            colorbar=dict(title="share of<br>attention"),
+            hovertemplate="layer %{y}<br>%{x}<br>mean share %{z:.3f}<br>n = %{customdata}<extra></extra>",
+        )
+    )
+    for j in range(len(sources), len(columns), len(sources)):  # separate the targets
+        fig.add_vline(x=j - 0.5, line_color="white", line_width=4)
+    n_samples = _n_samples(df)
+    sub = f"<br><sup>mean over {n_samples} samples and all heads; target ← source</sup>" if n_samples else ""
+    fig.update_layout(title=f"{title}{sub}", xaxis_title="target ← source", yaxis_title="layer",
+                      yaxis=dict(dtick=1 if len(layers) <= 40 else None), template="plotly_white",
+                      height=max(380, 18 * len(layers) + 200))
+    return fig
