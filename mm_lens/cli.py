@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     lens = sub.add_parser("lens", help="answer logit lens -> lens.csv, lens.html")
     _common(lens)
     lens.set_defaults(func=cmd_lens)
+
+    report = sub.add_parser("report", help="self-contained HTML report of a results folder -> report.html")
+    report.add_argument("results_dir", help="folder with flow.csv / lens.csv / attention.csv (and <Task>/ subfolders)")
+    report.add_argument("--out", default=None, help="HTML file to write (default: RESULTS_DIR/report.html)")
+    report.add_argument("--title", default=None, help="page title (default: from the folder name)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
@@ -120,6 +126,12 @@ def cmd_lens(args) -> None:
     result.table.to_csv(csv_path, index=False)
     lens_figure(result.table).write_html(html_path, include_plotlyjs=True)
     _report("lens", result.n_samples, result.skips, [csv_path, html_path])
+
+
+def cmd_report(args) -> None:
+    from mm_lens.report import build_report
+
+    print(f"wrote {build_report(args.results_dir, out_path=args.out, title=args.title)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
