@@ -7,14 +7,17 @@ The page records JavaScript errors in ``<html data-js-errors>`` and, once loaded
 ``data-figures-drawn`` / ``data-figures-total`` (a browser test reads them).
 
 Figure keys (for ``readings``): ``flow``, ``flow_tasks``, ``flow/<Task>``, ``lens``, ``lens_tasks``,
-``lens/<Task>``, ``attention``, ``attention/<Task>``; `report_figures` lists those a folder yields.
+``lens/<Task>``, ``attention``, ``attention/<Task>``; `report_figures` lists those a folder yields. The
+reading ``intro`` opens the page. Skip lists written by a run (``flow.skips.csv``) are counted in the
+summary table; ``shard-i-of-n`` folders are parts of a run, not tasks, and are left out.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import html
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from mm_lens import plots
 from mm_lens.errors import MMLensError
 
 RESULT_FILES = {"flow": "flow.csv", "lens": "lens.csv", "attention": "attention.csv"}
+INTRO = "intro"  # reading shown at the top of the page
+_SHARD_DIR = re.compile(r"^shard-\d+-of-\d+$")
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Results:
     root: Path
     tables: dict[str, dict[str, pd.DataFrame]]
     notes: list[str]
+    skips: dict[str, dict[str, pd.DataFrame]] = field(default_factory=dict)  # kind -> task -> skip list
 
 
 def _read(path: Path, kind: str) -> pd.DataFrame:
@@ -68,9 +74,19 @@ def load_results(results_dir: str | PathLike) -> Results:
         raise MMLensError(f"results folder {str(root)!r} does not exist; pass the --out folder of mm-lens flow/lens")
     tables: dict[str, dict[str, pd.DataFrame]] = {kind: {} for kind in RESULT_FILES}
     notes: list[str] = []
-    folders = [("", root)] + [(d.name, d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    skips: dict[str, dict[str, pd.DataFrame]] = {kind: {} for kind in RESULT_FILES}
+    folders = [("", root)] + [
+        (d.name, d) for d in sorted(root.iterdir())
+        if d.is_dir() and not d.name.startswith(".") and not _SHARD_DIR.match(d.name)
+    ]
     for task, folder in folders:
         for kind, name in RESULT_FILES.items():
+            skip_path = folder / f"{kind}.skips.csv"
+            if skip_path.is_file():
+                try:
+                    skips[kind][task] = pd.read_csv(skip_path, dtype=str)
+                except (OSError, ValueError):
+                    notes.append(f"{skip_path.relative_to(root)} could not be read; skips not counted.")
             path = folder / name
             if not path.is_file():
                 continue
@@ -85,7 +101,7 @@ def load_results(results_dir: str | PathLike) -> Results:
             f"no {', '.join(RESULT_FILES.values())} in {str(root)!r} or its subfolders; "
             "run `mm-lens flow/lens --out DIR` first"
         )
-    return Results(root=root, tables=tables, notes=notes)
+    return Results(root=root, tables=tables, notes=notes, skips=skips)
 
 
 def _per_task(found: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
@@ -206,6 +222,8 @@ table.summary { border-collapse: collapse; font-size: 0.9rem; margin: 0.8rem 0; 
 table.summary th, table.summary td { border: 1px solid #ddd; padding: 0.25rem 0.7rem; text-align: right; }
 table.summary th:first-child, table.summary td:first-child { text-align: left; }
 .notes { font-size: 0.9rem; color: #8a5a00; }
+.skipped { color: #888; font-size: 0.85rem; }
+.intro { max-width: 900px; line-height: 1.5; }
 nav { display: flex; flex-wrap: wrap; gap: 0.3rem 0.9rem; font-size: 0.9rem; }
 """
 
@@ -216,19 +234,27 @@ def _paragraphs(text: str, cls: str) -> str:
 
 
 def _summary_table(results: Results) -> str:
-    tasks = sorted({t for found in results.tables.values() for t in found} - {""})
-    rows = [("all" if not tasks else "(top level)", "")] if any("" in f for f in results.tables.values()) else []
+    """Samples per table and task; with a run's skip lists, how many were skipped and why."""
+    found = {t for f in results.tables.values() for t in f} | {t for f in results.skips.values() for t in f}
+    tasks = sorted(found - {""})
+    rows = [("all" if not tasks else "(top level)", "")] if "" in found else []
     rows += [(t, t) for t in tasks]
-    if not rows:
+    kinds = [k for k in RESULT_FILES if results.tables[k] or results.skips.get(k)]
+    if not rows or not kinds:
         return ""
-    kinds = [k for k in RESULT_FILES if results.tables[k]]
     head = "".join(f"<th>{k}</th>" for k in kinds)
     body = ""
     for label, task in rows:
         cells = ""
         for kind in kinds:
             df = results.tables[kind].get(task)
-            cells += f"<td>{df['question_id'].nunique() if df is not None and 'question_id' in df else '–'}</td>"
+            text = str(df["question_id"].nunique()) if df is not None and "question_id" in df else "–"
+            skipped = results.skips.get(kind, {}).get(task)
+            if skipped is not None and len(skipped):
+                why = skipped["kind"].value_counts() if "kind" in skipped else pd.Series({"skipped": len(skipped)})
+                detail = ", ".join(f"{k} {v}" for k, v in why.items())
+                text += f" <span class=\"skipped\">(+{len(skipped)} skipped: {html.escape(detail)})</span>"
+            cells += f"<td>{text}</td>"
         body += f"<tr><td>{html.escape(label)}</td>{cells}</tr>"
     return f'<table class="summary"><tr><th>samples per table</th>{head}</tr>{body}</table>'
 
@@ -244,6 +270,7 @@ def render_html(
     from plotly.offline import get_plotlyjs
 
     readings = dict(readings or {})
+    intro = _paragraphs(readings.pop(INTRO), "intro") if INTRO in readings else ""
     keys = {f.key for f in figures}
     sections, nav = [], []
     for i, fig in enumerate(figures):
@@ -275,7 +302,7 @@ def render_html(
         f"<style>{_CSS}</style>\n<script>{_HEAD_SCRIPT}</script>\n"
         f'<script type="text/javascript">{get_plotlyjs()}</script>\n</head>\n<body>\n<main>\n'
         f"<h1>{html.escape(title)}</h1>\n<p class=\"meta\">mm-lens report, {stamp}</p>\n"
-        f"{intro_html}{notes_html}<nav>{''.join(nav)}</nav>\n"
+        f"{intro}{intro_html}{notes_html}<nav>{''.join(nav)}</nav>\n"
         + "\n".join(sections)
         + f"\n</main>\n<script>{_TAIL_SCRIPT}</script>\n</body>\n</html>\n"
     )
