@@ -20,6 +20,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N rows of the dataset")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: the bridge's choice)")
     p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
+    p.add_argument(
+        "--device-map",
+        default=None,
+        help="spread a model too large for one GPU over several: 'auto' (or balanced, sequential, cpu, JSON dict)",
+    )
+    p.add_argument(
+        "--shard",
+        default=None,
+        help="run shard i/n of the samples (index modulo n) into OUT/shard-i-of-n; the last shard to finish "
+        "merges all into OUT (default under accelerate launch / torchrun: RANK/WORLD_SIZE)",
+    )
+    p.add_argument(
+        "--retry-skips", action="store_true", help="on resume, retry samples an earlier run skipped (e.g. images added)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="HTML file to write (default: RESULTS_DIR/report.html)")
     report.add_argument("--title", default=None, help="page title (default: from the folder name)")
     report.set_defaults(func=cmd_report)
+
+    merge = sub.add_parser("merge", help="combine finished --shard runs into one flow.csv / lens.csv")
+    merge.add_argument("out", help="output folder for the merged run")
+    merge.add_argument("shards", nargs="+", help="shard run folders (or folders holding shard-i-of-n/ folders)")
+    merge.set_defaults(func=cmd_merge)
     return parser
 
 
@@ -90,42 +109,48 @@ def _report(what: str, n_samples: int, skips, written: Sequence[Path]) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
-def cmd_flow(args) -> None:
-    from mm_lens.knockout import parse_block
-    from mm_lens.plots import flow_figure
-    from mm_lens.sweep import get_engine, sweep_samples
+def _device_map(text):
+    import json
 
-    blocks = args.blocks or list(STUDY_BLOCKS)
-    for block in blocks:  # fail on a typo before loading anything
-        parse_block(block, extra_names=("True Option", "False Option"))
-    engine = {}
-    if args.engine:
-        get_engine(args.engine)  # an unknown name fails before the model loads
-        engine["engine"] = args.engine
-    samples, load_image = _samples_and_loader(args)
-    out = _out_dir(args)
-    model = _load(args)
-    result = sweep_samples(
-        model, samples, load_image, blocks, window=args.window, all_samples=args.all_samples, **engine
+    if text is None or not text.strip().startswith("{"):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise MMLensError(f"--device-map {text!r} is not valid JSON ({err}); pass 'auto' or a JSON dict") from None
+
+
+def _run_args(args) -> dict:
+    """The options `flow` and `lens` share, as keyword arguments of `mm_lens.runs.flow_run` / `lens_run`."""
+    return dict(
+        out=args.out, model=args.model, dataset=args.dataset, images=args.images, limit=args.limit,
+        dtype=args.dtype, device=args.device, device_map=_device_map(args.device_map), shard=args.shard,
+        retry_skips=args.retry_skips,
     )
-    csv_path, html_path = out / "flow.csv", out / "flow.html"
-    result.table.to_csv(csv_path, index=False)
-    flow_figure(result.table).write_html(html_path, include_plotlyjs=True)
-    _report("flow", result.n_samples, result.skips, [csv_path, html_path])
+
+
+def cmd_flow(args) -> None:
+    from mm_lens.runs import flow_run
+
+    engine = {"engine": args.engine} if args.engine else {}
+    summary = flow_run(
+        blocks=args.blocks or list(STUDY_BLOCKS), window=args.window, all_samples=args.all_samples,
+        **engine, **_run_args(args),
+    )
+    print(summary.text(), file=sys.stderr)
 
 
 def cmd_lens(args) -> None:
-    from mm_lens.lens import lens_samples
-    from mm_lens.plots import lens_figure
+    from mm_lens.runs import lens_run
 
-    samples, load_image = _samples_and_loader(args)
-    out = _out_dir(args)
-    model = _load(args)
-    result = lens_samples(model, samples, load_image)
-    csv_path, html_path = out / "lens.csv", out / "lens.html"
-    result.table.to_csv(csv_path, index=False)
-    lens_figure(result.table).write_html(html_path, include_plotlyjs=True)
-    _report("lens", result.n_samples, result.skips, [csv_path, html_path])
+    print(lens_run(**_run_args(args)).text(), file=sys.stderr)
+
+
+def cmd_merge(args) -> None:
+    from mm_lens.runs import merge_runs
+
+    for summary in merge_runs(args.out, args.shards):
+        print(summary.text(), file=sys.stderr)
 
 
 def cmd_report(args) -> None:
@@ -143,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MMLensError as err:
         print("mm-lens: error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mm-lens: interrupted; finished samples are saved, re-run the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

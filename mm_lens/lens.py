@@ -92,6 +92,23 @@ class LensResult:
     skips: list[Skip] = field(default_factory=list)
 
 
+def lens_sample(model: HookedLlava, sample: Sample, load_image: Callable[[Sample], Image]) -> pd.DataFrame:
+    """Rows ``question_id, layer, form, prob`` of one sample; `SampleSkip` when it cannot be analysed."""
+    from mm_lens.regions import prepare
+
+    try:
+        inp = prepare(model, load_image(sample), sample.question)
+        forms = answer_forms(sample.answer, getattr(sample, "false_option", None))
+        if not forms:
+            raise SampleSkip("the row gives no answer to track", "empty answer")
+    except SampleSkip as skip:
+        skip.question_id = skip.question_id or str(sample.question_id)
+        raise
+    table = answer_lens(model, inp, forms)
+    table.insert(0, "question_id", str(sample.question_id))
+    return table[LENS_COLUMNS]
+
+
 def lens_samples(
     model: HookedLlava,
     samples: Iterable[Sample],
@@ -102,18 +119,12 @@ def lens_samples(
 
     `load_image` may raise `SampleSkip` (missing image): that sample is skipped with its reason.
     """
-    from mm_lens.regions import prepare
-
     samples = list(samples)
     tables, skips = [], []
     for sample in tqdm(samples, desc="lens", unit="sample", disable=not progress):
         try:
-            inp = prepare(model, load_image(sample), sample.question)
+            tables.append(lens_sample(model, sample, load_image))
         except SampleSkip as skip:
             skips.append(skip.record(str(sample.question_id)))
-            continue
-        table = answer_lens(model, inp, answer_forms(sample.answer, getattr(sample, "false_option", None)))
-        table.insert(0, "question_id", str(sample.question_id))
-        tables.append(table)
     table = pd.concat(tables, ignore_index=True)[LENS_COLUMNS] if tables else pd.DataFrame(columns=LENS_COLUMNS)
     return LensResult(table=table, n_samples=len(samples), skips=skips)

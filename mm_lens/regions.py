@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mm_lens.data.gqa import SampleSkip
 from mm_lens.errors import MMLensError
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ def prepare(
     """
     question = question.strip()
     if not question:
-        raise MMLensError("the question is empty; pass the question text")
+        raise SampleSkip("the question is empty; pass the question text", "empty question")
     text = f"{question} \n{instruction}" if instruction else question
     prompt = build_prompt(model, text)
     image = image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
@@ -162,7 +163,10 @@ def prepare(
     img_at = prompt.index(image_token)
     q_start = prompt.find(question, img_at)
     if q_start < 0:
-        raise MMLensError(f"question {question!r} not found in the prompt built by the chat template: {prompt!r}")
+        raise SampleSkip(
+            f"question {question!r} not found in the prompt built by the chat template: {prompt!r}",
+            "question not in prompt",
+        )
     # The user text (question + instruction) bounds the search for spans.
     text_start = q_start
     text_end = q_start + (len(text) if prompt.startswith(text, q_start) else len(question))
@@ -188,13 +192,14 @@ def prepare(
 
     question_pos = char_span_positions(q_start, q_start + len(question))
     if not question_pos:
-        raise MMLensError(f"question {question!r} maps to no tokens")
+        raise SampleSkip(f"question {question!r} maps to no tokens", "question not in prompt")
     found_spans: dict[str, list[int]] = {}
     for span_name, span_text in (spans or {}).items():
         start = _find_word(prompt, str(span_text), text_start, text_end)
         if start < 0:
-            raise MMLensError(
-                f"span {span_name!r} = {span_text!r} not found in the user text {prompt[text_start:text_end]!r}"
+            raise SampleSkip(
+                f"span {span_name!r} = {span_text!r} not found in the user text {prompt[text_start:text_end]!r}",
+                f"{span_name} not in question",
             )
         found_spans[span_name] = char_span_positions(start, start + len(str(span_text)))
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 FLOW_COLUMNS = ["question_id", "block", "layer", "base_prob", "knockout_prob", "relative_change_pct"]
 PATCH_REGIONS = (RELATED, OTHER, *ALIASES)  # regions that need the objects' boxes
+WRONG_ANSWER = "wrong answer"  # skip kind of a sample the model answers wrongly
 
 
 def layer_window(layer: int, k: int, n_layers: int) -> range:
@@ -213,6 +214,32 @@ def _prepare_kwargs(sample, blocks: Sequence[Block], image) -> dict:
     return kwargs
 
 
+def flow_sample(
+    model: HookedLlava,
+    sample: Sample,
+    load_image: Callable[[Sample], Image],
+    blocks: Sequence[Block],
+    window: int = 9,
+    all_samples: bool = False,
+    engine: str = "fast",
+) -> pd.DataFrame:
+    """The sweep rows of one sample; `SampleSkip` when it cannot be analysed or (unless ``all_samples``)
+    the model's greedy answer is wrong (kind ``"wrong answer"``). `blocks` are parsed (`parse_block`)."""
+    from mm_lens.regions import prepare
+
+    try:
+        image = load_image(sample)
+        inp = prepare(model, image, sample.question, **_prepare_kwargs(sample, blocks, image))
+    except SampleSkip as skip:
+        skip.question_id = skip.question_id or str(sample.question_id)
+        raise
+    greedy = greedy_answer(model, inp)
+    if not all_samples and greedy.text != normalize_answer(str(sample.answer)):
+        reason = f"model answered {greedy.text!r}, gold {sample.answer!r}"
+        raise SampleSkip(reason, WRONG_ANSWER, str(sample.question_id))
+    return sweep(model, inp, blocks, window, engine, question_id=sample.question_id, greedy=greedy)
+
+
 def sweep_samples(
     model: HookedLlava,
     samples: Iterable[Sample],
@@ -226,9 +253,8 @@ def sweep_samples(
     """Sweep every sample; wrongly answered ones are skipped and counted unless ``all_samples=True``.
 
     `load_image` may raise `SampleSkip` (missing image, bad box): that sample is skipped with its reason.
+    (`mm_lens.runs` runs the same per-sample step resumably, writing each sample as it finishes.)
     """
-    from mm_lens.regions import prepare
-
     parsed = [parse_block(b, extra_names=("True Option", "False Option")) for b in blocks]
     get_engine(engine)
     layer_window(0, window, model.n_layers)  # a bad window fails before any sample is run
@@ -237,19 +263,12 @@ def sweep_samples(
     bar = tqdm(samples, desc="flow", unit="sample", disable=not progress)
     for sample in bar:
         try:
-            image = load_image(sample)
-            inp = prepare(model, image, sample.question, **_prepare_kwargs(sample, parsed, image))
+            tables.append(flow_sample(model, sample, load_image, parsed, window, all_samples, engine))
         except SampleSkip as skip:
             skips.append(skip.record(str(sample.question_id)))
-            continue
-        greedy = greedy_answer(model, inp)
-        if not all_samples and greedy.text != normalize_answer(str(sample.answer)):
-            n_wrong += 1
-            reason = f"model answered {greedy.text!r}, gold {sample.answer!r}"
-            skips.append(Skip(str(sample.question_id), reason, "wrong answer"))
-            bar.set_postfix(wrong=n_wrong)
-            continue
-        tables.append(sweep(model, inp, parsed, window, engine, question_id=sample.question_id, greedy=greedy))
+            if skip.kind == WRONG_ANSWER:
+                n_wrong += 1
+                bar.set_postfix(wrong=n_wrong)
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=FLOW_COLUMNS)
     return FlowResult(table=table, n_samples=len(samples), n_wrong=n_wrong, skips=skips)
 
@@ -258,6 +277,7 @@ __all__ = [
     "ENGINES",
     "FLOW_COLUMNS",
     "FlowResult",
+    "flow_sample",
     "Greedy",
     "get_engine",
     "greedy_answer",

@@ -8,7 +8,9 @@ readable reason, so a run can skip the row, log the reason and summarise the rea
 from __future__ import annotations
 
 import csv
+import io
 import math
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ REQUIRED_COLUMNS = ("question_id", "img_id", "question", "answer", "image_w", "i
 # Box column groups: one object of interest ("central object") or up to two ("object1", "object2").
 BOX_PREFIXES = (("central object",), ("object1", "object2"))
 MISSING = "-"  # marks an absent second object in the GQA files
+MAX_ASPECT_RATIO = 100  # long side / short side above which an image is skipped (see _check_image_size)
 
 
 @dataclass(frozen=True)
@@ -128,11 +131,22 @@ def load_task(name_or_path: str | Path) -> list[Sample]:
     path = task_path(name_or_path)
     task = path.stem
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = list(reader.fieldnames or [])
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        data = path.read_bytes()
+    except OSError as err:
+        raise MMLensError(f"cannot read dataset {path}: {err}") from err
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:  # name the line, so the user can find and fix the offending row
+        line = data.count(b"\n", 0, err.start) + 1
+        raise MMLensError(
+            f"dataset {path} is not valid UTF-8: byte 0x{data[err.start]:02x} on line {line} cannot be decoded; "
+            "re-save the CSV as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        columns = list(reader.fieldnames or [])
+        rows = list(reader)
+    except csv.Error as err:
         raise MMLensError(f"cannot read dataset {path}: {err}; pass a UTF-8 CSV file") from err
     if not columns:
         raise MMLensError(f"dataset {path} is empty (no header row); pass a CSV with the GQA task columns")
@@ -277,13 +291,44 @@ def open_image(images_dir: str | Path, sample: Sample):
     if not path.is_file():
         raise SampleSkip(f"image {path} not found (img_id {sample.img_id})", "image not found", qid)
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so a truncated file fails here and not inside the model
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _check_image_size says it better
+            with Image.open(path) as img:
+                _check_image_size(path, *img.size, qid)  # from the header, before decoding a huge file
+                img.load()  # decode now, so a truncated file fails here and not inside the model
+                return img.convert("RGB")
     except UnidentifiedImageError:
         raise SampleSkip(f"image {path} is not a readable image file", "image unreadable", qid) from None
+    except Image.DecompressionBombError as err:
+        raise SampleSkip(f"image {path} is too large to open safely ({err})", "image too large", qid) from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL reports truncation and corrupt data as OSError
         raise SampleSkip(f"image {path} is unreadable or truncated ({err})", "image unreadable", qid) from None
+
+
+def _check_image_size(path: Path, width: int, height: int, qid: str) -> None:
+    """`SampleSkip` for an image whose decoding or resizing would need gigabytes.
+
+    The pixel limit is PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, ~89 MP; None turns it
+    off); a side ratio above `MAX_ASPECT_RATIO` is refused too, because the processors resize the *short* side
+    up to the model's resolution (a 1 x 10000 px strip would become 336 x 3 360 000 px).
+    """
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise SampleSkip(
+            f"image {path} is {width}x{height} px ({width * height / 1e6:.0f} MP), above PIL's decompression-bomb "
+            f"limit of {limit / 1e6:.0f} MP; downscale it (or raise PIL.Image.MAX_IMAGE_PIXELS)",
+            "image too large",
+            qid,
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise SampleSkip(
+            f"image {path} is {width}x{height} px, a side ratio above {MAX_ASPECT_RATIO}:1 that the image "
+            "processor would blow up to a huge resized copy; crop it to the region of interest",
+            "image aspect ratio too extreme",
+            qid,
+        )
 
 
 def boxes_for(sample: Sample, width: int, height: int) -> tuple[Box, ...]:
