@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from mm_lens.errors import MMLensError
 from mm_lens.knockout import STUDY_BLOCKS
@@ -68,45 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("shards", nargs="+", help="shard run folders (or folders holding shard-i-of-n/ folders)")
     merge.set_defaults(func=cmd_merge)
     return parser
-
-
-def _samples_and_loader(args):
-    from mm_lens.data.gqa import load_task, open_image
-
-    samples = load_task(args.dataset)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise MMLensError(f"--limit {args.limit} must be at least 1")
-        samples = samples[: args.limit]
-    images = Path(args.images).expanduser()
-    if not images.is_dir():
-        raise MMLensError(f"--images {args.images!r} is not a folder; pass the folder holding <img_id>.jpg")
-    return samples, lambda sample: open_image(images, sample)
-
-
-def _load(args):
-    from mm_lens.model import load
-
-    return load(args.model, device=args.device, dtype=args.dtype)
-
-
-def _out_dir(args) -> Path:
-    out = Path(args.out).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise MMLensError(f"cannot create --out folder {args.out!r}: {err}") from err
-    return out
-
-
-def _report(what: str, n_samples: int, skips, written: Sequence[Path]) -> None:
-    from mm_lens.data.gqa import summarise_skips
-
-    print(f"{what}: {n_samples - len(skips)} of {n_samples} sample(s) analysed", file=sys.stderr)
-    if skips:
-        print(summarise_skips(skips), file=sys.stderr)
-    for path in written:
-        print(f"wrote {path}", file=sys.stderr)
 
 
 def _device_map(text):
