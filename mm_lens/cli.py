@@ -66,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("out", help="output folder for the merged run")
     merge.add_argument("shards", nargs="+", help="shard run folders (or folders holding shard-i-of-n/ folders)")
     merge.set_defaults(func=cmd_merge)
+
+    demo = sub.add_parser("demo", help="the whole study on the shipped toy model -> RESULTS/report.html")
+    demo.add_argument("--out", default="results/demo", help="output folder (default: results/demo)")
+    demo.add_argument("--per-task", type=int, default=10, help="held-out questions per task type (default 10)")
+    demo.add_argument("--model", default=None, help="another checkpoint instead of the shipped toy model")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train-toy", help="train the toy LLaVA on the shapes world (CPU, about 75 minutes)")
+    train.add_argument("--out", default="assets/toy-llava", help="checkpoint folder (default: assets/toy-llava)")
+    train.add_argument("--minutes", type=float, default=75, help="wall-clock budget (default 75)")
+    train.add_argument("--init-from", default=None, help="continue from this checkpoint's weights")
+    train.set_defaults(func=cmd_train_toy)
     return parser
 
 
@@ -117,6 +129,20 @@ def cmd_report(args) -> None:
     from mm_lens.report import build_report
 
     print(f"wrote {build_report(args.results_dir, out_path=args.out, title=args.title)}", file=sys.stderr)
+
+
+def cmd_demo(args) -> None:
+    from mm_lens.demo import run_demo
+
+    report = run_demo(args.out, n_per_task=args.per_task, model_path=args.model)
+    print(f"report: {report}", file=sys.stderr)
+
+
+def cmd_train_toy(args) -> None:
+    from mm_lens.toy.train import main as train_main
+
+    train_main(["--out", args.out, "--minutes", str(args.minutes)]
+               + (["--init-from", args.init_from] if args.init_from else []))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -215,12 +215,19 @@ def held_out_set(n_per_task: int, seed: int = 99) -> list:
 
 
 def train(out_dir: Path, minutes: float, batch_size: int = 64, lr: float = 1.5e-3, seed: int = 0,
-          eval_every: int = 200, threads: int | None = None, d_model: int = 128, n_layers: int = 8) -> dict:
+          eval_every: int = 200, threads: int | None = None, d_model: int = 128, n_layers: int = 8,
+          init_from: Path | None = None, warmup: int = 150) -> dict:
+    """Train for `minutes` of wall time; `init_from` continues from a saved checkpoint (fresh optimiser and heads)."""
     if threads:
         torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     processor = build_processor(out_dir)
     model = build_model(processor.tokenizer, d_model=d_model, n_layers=n_layers, seed=seed)
+    if init_from is not None:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(init_from)
+        d_model = model.config.text_config.hidden_size
     model.config._attn_implementation = "sdpa"
     heads = AuxHeads(d_model)
     params = list(model.parameters()) + list(heads.parameters())
@@ -234,7 +241,7 @@ def train(out_dir: Path, minutes: float, batch_size: int = 64, lr: float = 1.5e-
         frac = (time.time() - t0) / budget
         if frac >= 1:
             break
-        warm = min(1.0, (step + 1) / 150)
+        warm = min(1.0, (step + 1) / max(1, warmup))
         for g in opt.param_groups:
             g["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         batch = make_batch(processor, [world.make_sample(rng) for _ in range(batch_size)])
@@ -272,8 +279,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--init-from", type=Path, default=None, help="continue from this checkpoint's weights")
+    p.add_argument("--warmup", type=int, default=150, help="warm-up steps of the learning rate")
     a = p.parse_args(argv)
-    acc = train(Path(a.out), a.minutes, a.batch_size, a.lr, a.seed, a.eval_every, a.threads)
+    acc = train(Path(a.out), a.minutes, a.batch_size, a.lr, a.seed, a.eval_every, a.threads, init_from=a.init_from,
+                warmup=a.warmup)
     print("final held-out accuracy: " + " ".join(f"{t} {v:.3f}" for t, v in acc.items()))
 
 
