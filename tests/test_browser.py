@@ -1,0 +1,192 @@
+"""End to end in a real browser: a report renders offline in headless Chromium, every figure draws, no JS error.
+
+Chromium is Debian's ``chromium`` package. When it is not on PATH the session fixture installs it with apt-get
+(``apt-get update && apt-get install -y chromium``) if the tests run as root, as CI does; otherwise the tests
+skip with the reason. Network is cut off for the page (``--host-resolver-rules``), so a report that fetched
+anything (a CDN plotly.js, fonts) would fail to draw.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mm_lens import plots
+from mm_lens.report import ReportFigure, build_report, render_html, report_figures
+
+BROWSERS = ("chromium", "chromium-browser")
+INSTALL_TIMEOUT = 1200  # seconds: apt-get update + ~100 MB of packages
+
+
+def _which() -> str | None:
+    return next((path for path in map(shutil.which, BROWSERS) if path), None)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of the chromium binary, installed from Debian's registry on first use when running as root."""
+    found = _which()
+    if found:
+        return found
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("chromium is not installed and the tests do not run as root to apt-get install it; "
+                    "install Debian's `chromium` package")
+    if not shutil.which("apt-get"):
+        pytest.skip("chromium is not installed and apt-get is not available to install it")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        done = subprocess.run(
+            ["sh", "-c", "apt-get update -q && apt-get install -y -q --no-install-recommends chromium"],
+            env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"apt-get install chromium took over {INSTALL_TIMEOUT} s")
+    found = _which()
+    if done.returncode != 0 or not found:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        pytest.skip(f"apt-get install chromium failed (exit {done.returncode}): {' / '.join(tail)}")
+    return found
+
+
+def run_chromium(binary: str, page: Path, profile: Path, *args: str, timeout: int = 180) -> str:
+    """Headless Chromium on a local page, offline, with a fresh profile; returns stdout."""
+    cmd = [
+        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-extensions",
+        "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
+        "--host-resolver-rules=MAP * ~NOTFOUND",  # no network: the page must be self-contained
+        "--virtual-time-budget=20000",  # run scripts (and the load event) before dumping / capturing
+        *args, page.resolve().as_uri(),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+class DomSummary(HTMLParser):
+    """Per `.mm-plot` container of a dumped DOM: how many `.main-svg` and drawn trace elements it holds."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+    def __init__(self):
+        super().__init__()
+        self.html_attrs: dict[str, str] = {}
+        self.plots: list[dict] = []
+        self._stack: list[tuple[str, dict | None]] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        classes = set((attrs.get("class") or "").split())
+        if tag == "html":
+            self.html_attrs = {k: v or "" for k, v in attrs.items()}
+        current = next((p for _, p in reversed(self._stack) if p is not None), None)
+        if "mm-plot" in classes:
+            current = {"main_svg": 0, "traces": 0}
+            self.plots.append(current)
+            mine = current
+        else:
+            mine = None
+        if current is not None:
+            if tag == "svg" and "main-svg" in classes:
+                current["main_svg"] += 1
+            # scatter / heatmap / image traces as plotly draws them
+            if "trace" in classes or ("hm" in classes) or (tag == "image" and current["main_svg"]):
+                current["traces"] += 1
+        if tag not in self.VOID and not tag.endswith("/"):
+            self._stack.append((tag, mine))
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag not in self.VOID:
+            self._stack.pop()
+
+    def handle_endtag(self, tag):
+        for i in range(len(self._stack) - 1, -1, -1):
+            if self._stack[i][0] == tag:
+                del self._stack[i:]
+                break
+
+
+def summarise(dom: str) -> DomSummary:
+    parser = DomSummary()
+    parser.feed(dom)
+    return parser
+
+
+def write_results(folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    for task in ("ChooseAttr", "ChooseRel"):
+        (folder / task).mkdir(parents=True)
+        flow, lens, att = [], [], []
+        for q in range(4):
+            for layer in range(6):
+                for block in ("Image->Question", "Image->Last", "Question->Last", "Last->Last"):
+                    dip = -40.0 if block == "Image->Question" and layer < 3 else 0.0
+                    flow.append(dict(question_id=f"q{q}", block=block, layer=layer, base_prob=0.6,
+                                     knockout_prob=0.5, relative_change_pct=dip + rng.normal(0, 5)))
+                for form, base in (("answer_lower", 0.8), ("answer_capitalized", 0.3), ("false_option_lower", 0.1)):
+                    lens.append(dict(question_id=f"q{q}", layer=layer, form=form,
+                                     prob=float(np.clip(base * layer / 5 + rng.normal(0, 0.05), 0, 1))))
+                for target in ("Question", "Last"):
+                    for source, m in zip(("Image", "Question", "Rest"), rng.dirichlet([2, 1, 1])):
+                        att.append(dict(question_id=f"q{q}", layer=layer, target=target, source=source, mass=m))
+        pd.DataFrame(flow).to_csv(folder / task / "flow.csv", index=False)
+        pd.DataFrame(lens).to_csv(folder / task / "lens.csv", index=False)
+        pd.DataFrame(att).to_csv(folder / task / "attention.csv", index=False)
+
+
+def test_report_draws_every_figure_offline_without_js_errors(chromium, tmp_path):
+    results = tmp_path / "results"
+    write_results(results)
+    page = build_report(results, readings={"flow_tasks": "Image->Question matters in the early layers."})
+    n_figures = len(report_figures(results))
+    assert n_figures == 11  # flow, lens: pooled + per task panel + 2 tasks; attention: pooled + 2 tasks
+
+    dom = run_chromium(chromium, page, tmp_path / "profile", "--dump-dom")
+    found = summarise(dom)
+    assert found.html_attrs.get("data-js-errors") == "", found.html_attrs.get("data-js-errors")
+    assert found.html_attrs.get("data-figures-total") == str(n_figures)
+    assert found.html_attrs.get("data-figures-drawn") == str(n_figures)
+    assert len(found.plots) == n_figures
+    for i, plot in enumerate(found.plots):
+        assert plot["main_svg"] >= 1 and plot["traces"] >= 1, (i, plot)
+
+    shot = tmp_path / "report.png"
+    run_chromium(chromium, page, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1200,2400")
+    image = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert image.shape[:2] == (2400, 1200)
+    # the main figure's blue Image->Question line and its band are on the page, not a blank canvas
+    blue = np.abs(image - np.array([31, 119, 180])).sum(-1) < 40
+    assert blue.sum() > 500, blue.sum()
+    assert image.std() > 10
+
+
+def test_patch_figure_draws_and_errors_are_recorded(chromium, tmp_path):
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[8:24, 8:24] = (220, 40, 40)
+    table = pd.DataFrame([
+        dict(position=3 + 4 * r + c, tile=0, row=r, col=c, x0=8 * c, y0=8 * r, x1=8 * c + 8, y1=8 * r + 8,
+             value=float(r * 4 + c))
+        for r in range(4) for c in range(4)
+    ])
+    fig = plots.patch_values_figure(Image.fromarray(pixels), table, value_name="attention")
+    html = render_html([ReportFigure("patches", "Patches", "Attention from Last per patch.", fig)], title="Patches")
+    good = tmp_path / "good.html"
+    good.write_text(html)
+    found = summarise(run_chromium(chromium, good, tmp_path / "p1", "--dump-dom"))
+    assert found.html_attrs.get("data-js-errors") == ""
+    assert found.html_attrs.get("data-figures-drawn") == "1" and found.plots[0]["traces"] >= 2  # image + heatmap
+
+    # the error recorder works: a page whose script throws says so in the DOM
+    bad = tmp_path / "bad.html"
+    bad.write_text(html.replace("</body>", "<script>notAFunction();</script></body>"))
+    found = summarise(run_chromium(chromium, bad, tmp_path / "p2", "--dump-dom"))
+    assert "notAFunction" in found.html_attrs.get("data-js-errors", "")
