@@ -206,6 +206,8 @@ def _prepare_kwargs(sample, blocks: Sequence[Block], image) -> dict:
     for name, attr in (("True Option", "true_option"), ("False Option", "false_option")):
         if name in names and getattr(sample, attr, None):
             spans[name] = getattr(sample, attr)
+        elif name in names:
+            raise SampleSkip(f"the row gives no {name.lower()} (column {name.lower()!r})", f"no {name}")
     if spans:
         kwargs["spans"] = spans
     if names & set(PATCH_REGIONS):
