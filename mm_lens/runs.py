@@ -659,15 +659,17 @@ def _shard_dirs(paths: Iterable[str | Path], command: str) -> list[Path]:
     out = []
     for raw in paths:
         path = Path(raw).expanduser()
-        if not path.is_dir():
-            raise MMLensError(f"shard folder {str(raw)!r} does not exist")
-        if RunDir(path, command).exists():
+        run = RunDir(path, command)
+        if run.exists() and run.read_config().get("shard") is not None:
             out.append(path)
             continue
         subs = sorted(p for p in path.iterdir() if SHARD_DIR.match(p.name) and RunDir(p, command).exists())
-        if not subs:
+        if subs:  # a --out folder of sharded runs (it may also hold their merge)
+            out.extend(subs)
+        elif run.exists():
+            out.append(path)  # not a shard run: _merge says so
+        else:
             raise MMLensError(f"{path} holds no {command} shard run (no {command}.config.json, no shard-i-of-n/)")
-        out.extend(subs)
     return out
 
 
@@ -681,6 +683,9 @@ def merge_runs(
     """
     if not shard_dirs:
         raise MMLensError("merge needs at least one shard folder")
+    for raw in shard_dirs:
+        if not Path(raw).expanduser().is_dir():
+            raise MMLensError(f"shard folder {str(raw)!r} does not exist")
     if commands is None:
         commands = [c for c in COMMANDS if any(_holds(d, c) for d in shard_dirs)]
         if not commands:
