@@ -80,6 +80,7 @@ def worker(ckpt: str, engine: str, threads: int) -> None:
     from PIL import Image
 
     from mm_lens.data.gqa import Box
+    from mm_lens.demo import window_for
     from mm_lens.model import load
     from mm_lens.regions import prepare
     from mm_lens.sweep import get_engine, layer_window
@@ -90,7 +91,8 @@ def worker(ckpt: str, engine: str, threads: int) -> None:
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
     inp = prepare(model, image, QUESTION, boxes=[Box(200, 120, 240, 200, "cylinder")])
-    windows = [layer_window(layer, 9 if model.n_layers >= 9 else 3, model.n_layers) for layer in range(model.n_layers)]
+    k = window_for(model.n_layers)  # the study's 9 of 32 layers, scaled
+    windows = [layer_window(layer, k, model.n_layers) for layer in range(model.n_layers)]
     run = get_engine(engine)
     token = 5
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

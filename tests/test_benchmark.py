@@ -1,0 +1,25 @@
+"""The engine benchmark runs end to end on a tiny shape (the real numbers come from running it by hand)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_engine.py"
+
+
+def test_benchmark_smoke_run():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--threads", "1"], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for block in ("Image->Question", "Related Image Patches->Question", "Other Image Patches->Question",
+                  "Question->Last", "Image->Last", "Last->Last", "all six"):
+        assert re.search(rf"^{re.escape(block)}\s+[\d.]+\s+[\d.]+\s+[\d.]+", out, re.M), out
+    diff = float(re.search(r"max probability difference: (\S+)", out).group(1))
+    assert diff < 1e-5
+    assert re.search(r"peak memory \(max RSS\): reference \d+ MB, fast \d+ MB, ratio [\d.]+", out)
