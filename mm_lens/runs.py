@@ -44,6 +44,9 @@ FORMAT = 1  # run-directory format version, recorded in the config
 ERROR_KIND = "error"  # skip kinds starting with this are unexpected failures, retried on resume
 MAX_CONSECUTIVE_ERRORS = 5  # this many unexpected failures in a row stop the run (a set-up problem)
 SHARD_DIR = re.compile(r"^shard-(\d+)-of-(\d+)$")
+# Config keys shards may differ in: the shard, and where the images and CSV sit on each machine (the CSV's
+# content must still agree: dataset_sha256, n_samples).
+MERGE_IGNORES = ("shard", "images", "dataset")
 
 
 def columns(command: str) -> list[str]:
@@ -339,11 +342,16 @@ class RunDir:
             self._config_written = True
 
     def _append(self, path: Path, record: dict[str, Any]) -> None:
-        self._ensure_config()
-        with open(path, "ab") as f:
-            f.write(_dumps(record).encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            self._ensure_config()
+            with open(path, "ab") as f:
+                f.write(_dumps(record).encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:  # disk full, folder removed, ...: what is on disk stays resumable
+            raise MMLensError(
+                f"cannot write to {path}: {err}; fix that and re-run the same command to resume"
+            ) from err
 
     def add_result(self, index: int, question_id: str, table: pd.DataFrame) -> None:
         """Append one sample's rows (all of them in one line, so a sample is never half recorded)."""
@@ -678,8 +686,9 @@ def merge_runs(
 ) -> list[RunSummary]:
     """Merge finished shard runs into `out`, as one unsharded run would have written it.
 
-    The shards' configurations must agree except for the shard; shards must neither overlap nor be missing,
-    and each must be finished. Commands default to every command the shard folders hold.
+    The shards' configurations must agree except for the shard and the folders of images and CSV (each machine
+    may keep them elsewhere; the CSV's checksum must agree); shards must neither overlap nor be missing, and
+    each must be finished. Commands default to every command the shard folders hold.
     """
     if not shard_dirs:
         raise MMLensError("merge needs at least one shard folder")
@@ -711,7 +720,7 @@ def _merge(command: str, out: Path, dirs: list[Path]) -> RunSummary:
     for run in runs:
         if run.config.get("shard") is None:
             raise MMLensError(f"{run.path} is not a shard run (it was run without --shard); nothing to merge")
-        diff = config_differences(first.config, run.config, ignore=("shard",))
+        diff = config_differences(first.config, run.config, ignore=MERGE_IGNORES)
         if diff:
             raise MMLensError(
                 f"shard runs {first.path} and {run.path} were run with different configurations "

@@ -135,6 +135,17 @@ def test_merge_refuses_missing_overlapping_mismatched_and_unfinished_shards(shar
     assert not dest.exists() or not any(dest.iterdir())
 
 
+def test_merge_accepts_shards_whose_images_sit_elsewhere(sharded, tmp_path):
+    out, single, _ = sharded
+    s0, s1 = _copy_shards(out, tmp_path)
+    _edit_config(s1, images="/mnt/other-machine/images", dataset="/mnt/other-machine/tasks.csv")
+    merge_runs(tmp_path / "m", [s0, s1])
+    pd.testing.assert_frame_equal(read_flow(tmp_path / "m"), read_flow(single), check_exact=False, rtol=1e-6)
+    _edit_config(s1, dataset_sha256="0" * 64)  # but not another CSV
+    with pytest.raises(MMLensError, match="dataset_sha256"):
+        merge_runs(tmp_path / "m2", [s0, s1])
+
+
 def test_merge_refuses_shards_of_different_splits(sharded, tmp_path):
     out, _, _ = sharded
     s0, s1 = _copy_shards(out, tmp_path)
