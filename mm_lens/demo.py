@@ -83,48 +83,45 @@ def lens_reading(lens: pd.DataFrame) -> str:
 
 def run_demo(out_dir: str | Path = "results/demo", n_per_task: int = 10, model_path: str | Path | None = None,
              engine: str = "fast", progress: bool = True) -> Path:
-    """Run the demo into `out_dir`; returns the path of the HTML report."""
+    """Run the demo into `out_dir` (resumable: re-running skips finished samples); returns the report's path."""
+    from mm_lens.attention import attention_samples
     from mm_lens.data.gqa import load_task, open_image
-    from mm_lens.lens import lens_samples
     from mm_lens.model import load
-    from mm_lens.sweep import sweep_samples
+    from mm_lens.runs import flow_run, lens_run
     from mm_lens.toy import world
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = load(str(model_path or toy_model_path()))
-    k = window_for(model.n_layers)
+    model = str(model_path or toy_model_path())
+    hooked = load(model)
+    n_layers = hooked.n_layers
+    k = window_for(n_layers)
     csvs = world.write_task_csvs(out / "data", n_per_task, seed=HELD_OUT_SEED)
     images = out / "data" / "images"
     flows, lenses, summary = [], [], {}
     for task, csv in csvs.items():
-        samples = load_task(csv)
-        print(f"[{task}] {len(samples)} held-out questions", file=sys.stderr)
-        flow = sweep_samples(model, samples, lambda s: open_image(images, s), list(DEMO_BLOCKS), window=k,
-                             engine=engine, progress=progress)
-        lens = lens_samples(model, samples, lambda s: open_image(images, s), progress=progress)
-        (out / task).mkdir(exist_ok=True)
-        flow.table.to_csv(out / task / "flow.csv", index=False)
-        lens.table.to_csv(out / task / "lens.csv", index=False)
-        flows.append(flow.table.assign(task=task))
-        lenses.append(lens.table.assign(task=task))
-        summary[task] = {"questions": flow.n_samples, "answered_correctly": flow.n_samples - flow.n_wrong,
-                         "skipped_other": len(flow.skips) - flow.n_wrong}
+        print(f"[{task}] {n_per_task} held-out questions", file=sys.stderr)
+        flow = flow_run(out / task, model, csv, images, blocks=list(DEMO_BLOCKS), window=k, engine=engine,
+                        progress=progress)
+        lens_run(out / task, model, csv, images, progress=progress)
+        if not (out / task / "attention.csv").is_file():
+            attn = attention_samples(hooked, load_task(csv), lambda s: open_image(images, s), progress=progress)
+            attn.table.to_csv(out / task / "attention.csv", index=False)
+        flows.append(pd.read_csv(out / task / "flow.csv", dtype={"question_id": str}).assign(task=task))
+        lenses.append(pd.read_csv(out / task / "lens.csv", dtype={"question_id": str}).assign(task=task))
+        wrong = sum(s.kind == "wrong answer" for s in flow.skips)
+        summary[task] = {"questions": flow.n_samples, "answered_correctly": flow.n_samples - wrong,
+                         "skipped_other": len(flow.skips) - wrong}
     flow_all, lens_all = pd.concat(flows, ignore_index=True), pd.concat(lenses, ignore_index=True)
-    flow_all.to_csv(out / "flow.csv", index=False)
-    lens_all.to_csv(out / "lens.csv", index=False)
-    readings = flow_readings(flow_all, model.n_layers, k)
-    readings["lens"] = lens_reading(lens_all)
+    acc = ", ".join(f"{t} {s['answered_correctly']}/{s['questions']}" for t, s in summary.items())
+    readings = {"flow": f"Correctly answered (and so analysed) per task: {acc}. Knockout window: {k} of "
+                        f"{n_layers} layers. " + " ".join(flow_readings(flow_all, n_layers, k).values()),
+                "lens": lens_reading(lens_all)}
+    for task, df in zip(summary, flows):
+        if len(df):
+            readings[f"flow/{task}"] = " ".join(flow_readings(df, n_layers, k).values())
     (out / "summary.json").write_text(json.dumps(
-        {"model": str(model_path or toy_model_path()), "window": k, "n_layers": model.n_layers, "tasks": summary,
-         "readings": readings}, indent=1))
-    return _write_report(out, readings, summary, k)
-
-
-def _write_report(out: Path, readings: dict[str, str], summary: dict, k: int) -> Path:
+        {"model": model, "window": k, "n_layers": n_layers, "tasks": summary, "readings": readings}, indent=1))
     from mm_lens.report import build_report
 
-    acc = ", ".join(f"{t} {s['answered_correctly']}/{s['questions']}" for t, s in summary.items())
-    intro = (f"Toy LLaVA on held-out shapes-world questions; correctly answered per task: {acc}. "
-             f"Knockout window: {k} layers.")
-    return build_report(out, readings={"intro": intro, **readings})
+    return build_report(out, readings=readings, title="mm-lens demo: the toy LLaVA on the shapes world")
