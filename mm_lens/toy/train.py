@@ -43,7 +43,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 INSTRUCTION = "Answer the question using a single word or phrase."
-PATCH = 8
+PATCH = 16
 GRID = world.IMAGE_SIZE // PATCH
 SHAPE_IDS = {s: i + 1 for i, s in enumerate(world.SHAPES)}
 COLOR_IDS = {c: i + 1 for i, c in enumerate(world.COLORS)}
@@ -81,7 +81,7 @@ def build_processor(out_dir: Path):
 
 
 def build_model(tokenizer, d_model: int = 128, n_layers: int = 8, seed: int = 0):
-    """A small LLaVA-1.5-shaped model: CLIP tower (patch 8 on 64 px), 2-layer projector, Llama text model."""
+    """A small LLaVA-1.5-shaped model: CLIP tower (patch 16 on 64 px: a 4 x 4 grid), 2-layer projector, Llama text model."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -119,13 +119,17 @@ class Batch:
 
 
 def _patch_targets(objs) -> np.ndarray:
+    """Per patch: shape, colour and size of the object covering most of it (0 = background), and its column."""
     t = np.zeros((GRID, GRID, 4), dtype=np.int64)
     t[:, :, 3] = np.arange(GRID)[None, :]
-    for o in objs:
-        for r in range(GRID):
-            for c in range(GRID):
-                cx, cy = c * PATCH + PATCH / 2, r * PATCH + PATCH / 2
-                if o.x <= cx < o.x + o.w and o.y <= cy < o.y + o.h:
+    for r in range(GRID):
+        for c in range(GRID):
+            best = 0
+            for o in objs:
+                dx = min(o.x + o.w, (c + 1) * PATCH) - max(o.x, c * PATCH)
+                dy = min(o.y + o.h, (r + 1) * PATCH) - max(o.y, r * PATCH)
+                if dx > 0 and dy > 0 and dx * dy > best:
+                    best = dx * dy
                     t[r, c, :3] = (SHAPE_IDS[o.shape], COLOR_IDS[o.color], SIZE_IDS[o.size])
     return t.reshape(GRID * GRID, 4)
 
@@ -190,7 +194,7 @@ def losses(model, heads: AuxHeads, batch: Batch) -> tuple[torch.Tensor, dict[str
     if present.any():
         noun_loss = noun_loss + sum(F.cross_entropy(heads.noun[i](final[present]), batch.noun_targets[present, i])
                                     for i in (1, 2, 3))
-    total = ans_loss + 0.5 * eos_loss + 0.3 * patch_loss + 0.3 * noun_loss
+    total = ans_loss + 0.5 * eos_loss + 0.5 * patch_loss + 0.5 * noun_loss
     return total, {"answer": ans_loss.item(), "eos": eos_loss.item(), "patch": patch_loss.item(), "noun": noun_loss.item()}
 
 
