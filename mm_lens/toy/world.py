@@ -25,7 +25,11 @@ COLORS = {
     "yellow": (235, 210, 40),
     "purple": (150, 60, 190),
 }
-SIZES = {"small": 14, "large": 22}
+SIZES = {"small": 14, "large": 30}
+# Objects sit on a 4 x 4 grid of 16 px cells (the toy model's patches): a small one fills a cell, a large one
+# a 2 x 2 block, each with a 1 px margin, so every patch shows one clean piece of at most one shape.
+CELL = 16
+CELLS = IMAGE_SIZE // CELL
 BACKGROUND = (200, 200, 200)
 TASKS = ("ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr")
 # Left/right answers need a clear margin so the question has one right answer.
@@ -69,20 +73,23 @@ class Question:
 
 
 def _place(rng: random.Random, shapes: list[str]) -> list[Obj]:
-    """Place distinct shapes with random colour and size, without overlap."""
+    """Place distinct shapes on free grid cells, with random colour and size."""
     for _ in range(200):
+        taken: set[tuple[int, int]] = set()
         objs: list[Obj] = []
         for shape in shapes:
             size = rng.choice(list(SIZES))
-            s = SIZES[size]
-            for _ in range(50):
-                x, y = rng.randint(1, IMAGE_SIZE - s - 1), rng.randint(1, IMAGE_SIZE - s - 1)
-                if all(x + s + 2 <= o.x or o.x + o.w + 2 <= x or y + s + 2 <= o.y or o.y + o.h + 2 <= y for o in objs):
-                    objs.append(Obj(shape, rng.choice(list(COLORS)), size, x, y))
-                    break
+            span = 2 if size == "large" else 1
+            free = [(r, c) for r in range(CELLS - span + 1) for c in range(CELLS - span + 1)
+                    if not any((r + i, c + j) in taken for i in range(span) for j in range(span))]
+            if not free:
+                break
+            r, c = rng.choice(free)
+            taken |= {(r + i, c + j) for i in range(span) for j in range(span)}
+            objs.append(Obj(shape, rng.choice(list(COLORS)), size, c * CELL + 1, r * CELL + 1))
         if len(objs) == len(shapes):
             return objs
-    raise RuntimeError("could not place shapes")  # pragma: no cover - 64 px always fits four shapes
+    raise RuntimeError("could not place shapes")  # pragma: no cover - a 4 x 4 grid always fits three
 
 
 def render(objs: list[Obj] | tuple[Obj, ...]) -> Image.Image:
