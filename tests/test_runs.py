@@ -282,3 +282,14 @@ def test_flow_and_lens_share_an_output_folder(tiny_llava_path, ten_samples, tmp_
     assert main(flow_argv(tiny_llava_path, csv_path, images, tmp_path, "--limit", "2")) == 0
     assert {"flow.csv", "lens.csv", "flow.config.json", "lens.config.json"} <= {p.name for p in tmp_path.iterdir()}
     assert set(pd.read_csv(tmp_path / "lens.csv", dtype={"question_id": str}).question_id) == {"q0", "q1"}
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mm_lens.runs.lens_run", interrupted)
+    argv = ["lens", "--model", "m", "--dataset", "ChooseAttr", "--images", ".", "--out", "o"]
+    assert main(argv) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["mm-lens: interrupted; finished samples are saved, re-run the same command to resume"]
