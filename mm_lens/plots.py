@@ -286,7 +286,9 @@ def _n_samples(df: pd.DataFrame) -> int:
 
 def _subtitle(df: pd.DataFrame, level: float) -> str:
     n = _n_samples(df)
-    samples = f"{n} sample{'s' if n != 1 else ''}, " if n else ""
+    if n == 1:
+        return "<sup>one sample (no confidence band)</sup>"
+    samples = f"{n} samples, " if n else ""
     return f"<sup>mean over {samples}band: {level:.0%} t-interval of the mean</sup>"
 
 
@@ -295,9 +297,12 @@ def flow_curves(
     blocks: list[str] | None = None,
     level: float = 0.95,
     title: str = "Attention knockout: change in answer probability",
+    legend_title: str = "block (source->target)",
+    xaxis_title: str = "layer (centre of the knocked-out window)",
 ) -> go.Figure:
     """The study's main figure: per layer, the mean relative change (%) of the answer probability when a block
-    is knocked out around that layer, one line per block with a `level` Student-t confidence band."""
+    is knocked out around that layer, one line per block with a `level` Student-t confidence band.
+    Any table with ``block, layer, relative_change_pct`` works (e.g. your own ablations in ``block``)."""
     _need(df, ["block", "layer", "relative_change_pct"], "flow")
     if df.empty:
         raise MMLensError("the flow table is empty (no sample kept); run more samples or pass all_samples=True")
@@ -308,9 +313,9 @@ def flow_curves(
     fig.add_hline(y=0, line_dash="dot", line_color="gray")
     fig.update_layout(
         title=f"{title}<br>{_subtitle(df, level)}",
-        xaxis_title="layer (centre of the knocked-out window)",
+        xaxis_title=xaxis_title,
         yaxis_title="relative change in probability (%)",
-        legend_title_text="block (source->target)",
+        legend_title_text=legend_title,
         template="plotly_white",
         hovermode="closest",
     )
@@ -604,7 +609,8 @@ def attention_figure(
     for j in range(len(sources), len(columns), len(sources)):  # separate the targets
         fig.add_vline(x=j - 0.5, line_color="white", line_width=4)
     n_samples = _n_samples(df)
-    sub = f"<br><sup>mean over {n_samples} samples and all heads; target ← source</sup>" if n_samples else ""
+    over = "one sample" if n_samples == 1 else f"mean over {n_samples} samples"
+    sub = f"<br><sup>{over}, all heads averaged; target ← source</sup>" if n_samples else ""
     fig.update_layout(title=f"{title}{sub}", xaxis_title="target ← source", yaxis_title="layer",
                       yaxis=dict(dtick=1 if len(layers) <= 40 else None), template="plotly_white",
                       height=max(380, 18 * len(layers) + 200))
