@@ -3,14 +3,17 @@
 A genuine `LlavaForConditionalGeneration` (CLIP vision tower, projector, Llama language model) with its own
 tokenizer, image processor and chat template. The recipe, beyond the answer loss (LLaVA's: answer tokens only):
 - dense supervision of the image tokens: linear heads on the projector output predict, per patch, the shape,
-  colour and size of the object under the patch centre and the patch column;
+  colour and size of the object covering most of the patch, and the patch column;
 - supervision of the object words of the question: linear heads on the final residual stream at each shape
   word predict whether that object is in the image and, if so, its colour, size and horizontal position.
 The heads are dropped after training; only the LLaVA checkpoint is saved. The learning rate follows a cosine
 over the time budget, and the best checkpoint so far (by the worst task's held-out accuracy) is saved at every
-evaluation, so stopping the run never loses a finished checkpoint.
+evaluation, so stopping the run never loses a finished checkpoint; the run ends early once every held-out
+question is answered right. Shapes sit on the 16 px patch grid (see `world`): with free placement, shape
+recognition from patch fragments stalled every question type that needs shapes or positions near chance.
 
-Run: `mm-lens train-toy --out assets/toy-llava --minutes 80` or `python -m mm_lens.toy.train`.
+Run: `mm-lens train-toy --out assets/toy-llava` or `python -m mm_lens.toy.train` (the shipped model: 3,200
+steps, 36 minutes on 2 CPU cores; `assets/toy-llava/training_log.txt`).
 """
 
 from __future__ import annotations
@@ -218,9 +221,9 @@ def held_out_set(n_per_task: int, seed: int = 99) -> list:
     return [world.make_sample(rng, t) for t in world.TASKS for _ in range(n_per_task)]
 
 
-def train(out_dir: Path, minutes: float, batch_size: int = 64, lr: float = 1.5e-3, seed: int = 0,
+def train(out_dir: Path, minutes: float, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
           eval_every: int = 200, threads: int | None = None, d_model: int = 128, n_layers: int = 8,
-          init_from: Path | None = None, warmup: int = 150) -> dict:
+          init_from: Path | None = None, warmup: int = 100) -> dict:
     """Train for `minutes` of wall time; `init_from` continues from a saved checkpoint (fresh optimiser and heads)."""
     if threads:
         torch.set_num_threads(threads)
@@ -267,6 +270,8 @@ def train(out_dir: Path, minutes: float, batch_size: int = 64, lr: float = 1.5e-
                 best = worst
                 model.save_pretrained(out_dir, safe_serialization=True)
                 print(f"  saved (worst task {worst:.2f})", flush=True)
+            if worst >= 1.0:  # every held-out question right: no later checkpoint can be saved
+                break
     acc = evaluate(model, processor, held_out)
     if min(acc.values()) > best:
         model.save_pretrained(out_dir, safe_serialization=True)
@@ -277,14 +282,14 @@ def train(out_dir: Path, minutes: float, batch_size: int = 64, lr: float = 1.5e-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="assets/toy-llava")
-    p.add_argument("--minutes", type=float, default=80)
+    p.add_argument("--minutes", type=float, default=78)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--init-from", type=Path, default=None, help="continue from this checkpoint's weights")
-    p.add_argument("--warmup", type=int, default=150, help="warm-up steps of the learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="warm-up steps of the learning rate")
     a = p.parse_args(argv)
     acc = train(Path(a.out), a.minutes, a.batch_size, a.lr, a.seed, a.eval_every, a.threads, init_from=a.init_from,
                 warmup=a.warmup)
