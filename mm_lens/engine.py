@@ -2,18 +2,20 @@
 
 A knockout only changes the attention rows of its target positions, so under causal attention every position
 before the first target computes exactly what it computes in the clean pass. The engine therefore
-- runs the clean pass once per sample (vision tower included) and keeps the language model's input
-  embeddings and its KV cache;
+- runs the clean pass once per sample (vision tower included; shared with the greedy answer) and keeps the
+  language model's input embeddings and its KV cache;
 - for each block, re-runs only the suffix from the block's first target position, on top of the clean
   prefix cache (`past_key_values`), feeding embeddings so the image is never encoded again;
 - evaluates the layer windows of a block as one batch, one batch row per window, with a hook per layer that
-  masks only the rows whose window covers that layer.
+  masks only the rows whose window covers that layer;
+- computes logits for the last position only.
 Batches are sized so the copied prefix caches stay within a memory budget (by default half the model's size).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,8 +34,18 @@ if TYPE_CHECKING:
 EMBED_HOOK = "blocks.0.hook_resid_pre"
 
 
-def clean_pass(model: HookedLlava, inp: MultimodalInput) -> tuple[Float[Tensor, "1 pos d_model"], DynamicCache]:
-    """The language model's input embeddings (text and image features merged) and the clean KV cache."""
+@dataclass
+class CleanPass:
+    """The unablated pass over a prompt: what knockout runs reuse, and the cache greedy decoding continues from."""
+
+    embeds: Float[Tensor, "1 pos d_model"]  # the language model's input (text embeddings + image features)
+    keys_values: list[tuple[Tensor, Tensor]]  # per layer: keys, values ``[1, kv_head, pos, d_head]``
+    last_logits: Float[Tensor, "vocab"]
+    cache: DynamicCache  # HF cache object (greedy decoding extends it; `keys_values` keeps the prompt's)
+
+
+def clean_pass(model: HookedLlava, inp: MultimodalInput) -> CleanPass:
+    """One forward pass without hooks of ours, keeping embeddings and the KV cache (logits of the last position only)."""
     input_ids, kwargs = forward_args(inp)
     store: dict[str, Tensor] = {}
 
@@ -41,10 +53,12 @@ def clean_pass(model: HookedLlava, inp: MultimodalInput) -> tuple[Float[Tensor, 
         store["embeds"] = resid
         return resid
 
-    _, cache = model.bridge.run_with_hooks(
-        input_ids, fwd_hooks=[(EMBED_HOOK, grab)], return_type="logits_and_cache", **kwargs
-    )
-    return store["embeds"], cache
+    with torch.inference_mode():
+        logits, cache = model.bridge.run_with_hooks(
+            input_ids, fwd_hooks=[(EMBED_HOOK, grab)], return_type="logits_and_cache", logits_to_keep=1, **kwargs
+        )
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    return CleanPass(store["embeds"], kv, logits[0, -1], cache)
 
 
 def batched_mask_hook(
@@ -69,8 +83,8 @@ def _suffix_mask(targets: Sequence[int], sources: Sequence[int], start: int, seq
     return mask
 
 
-def _prefix(cache: DynamicCache, length: int) -> list[tuple[Tensor, Tensor]]:
-    return [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in cache.layers]
+def _prefix(clean: CleanPass, length: int) -> list[tuple[Tensor, Tensor]]:
+    return [(k[:, :, :length], v[:, :, :length]) for k, v in clean.keys_values]
 
 
 def _batch_size(model: HookedLlava, prefix: list[tuple[Tensor, Tensor]], n: int, budget: int | None) -> int:
@@ -87,12 +101,17 @@ def fast_engine(
     windows: Sequence[range],
     token: int,
     progress: bool = False,
+    clean: CleanPass | None = None,
     memory_budget: int | None = None,
 ) -> Float[Tensor, "block layer"]:
-    """Knockout probabilities of `token` at the last position, ``[block, window]``; equals the reference engine."""
+    """Knockout probabilities of `token` at the last position, ``[block, window]``; equals the reference engine.
+
+    `clean` is the prompt's clean pass when the caller already has it (the sweep shares the greedy answer's).
+    """
     out = torch.empty(len(blocks), len(windows))
     with torch.inference_mode():
-        embeds, cache = clean_pass(model, inp)
+        clean = clean or clean_pass(model, inp)
+        embeds = clean.embeds
         seq_len = embeds.shape[1]
         for b, block in enumerate(tqdm(blocks, desc="knockout", leave=False, disable=not progress)):
             targets, sources = block_positions(inp.regions, block)
@@ -103,7 +122,7 @@ def fast_engine(
             else:
                 start = min(int(t) for t in targets)
             mask = _suffix_mask(targets, sources, start, seq_len)
-            prefix = _prefix(cache, start)
+            prefix = _prefix(clean, start)
             step = _batch_size(model, prefix, len(windows), memory_budget)
             for lo in range(0, len(windows), step):
                 chunk = windows[lo: lo + step]
@@ -115,7 +134,7 @@ def fast_engine(
                 past = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix]) \
                     if start > 0 else None
                 suffix = embeds[:, start:].expand(n, -1, -1)
-                logits = model.bridge.run_with_hooks(suffix, fwd_hooks=hooks, past_key_values=past)
+                logits = model.bridge.run_with_hooks(suffix, fwd_hooks=hooks, past_key_values=past, logits_to_keep=1)
                 out[b, lo: lo + n] = logits[:, -1].float().softmax(-1)[:, token].cpu()
     return out
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mm_lens.data.gqa import Sample, SampleSkip, Skip, boxes_for, check_sample
-from mm_lens.engine import fast_engine
+from mm_lens.engine import CleanPass, clean_pass, fast_engine
 from mm_lens.errors import MMLensError
 from mm_lens.knockout import Block, block_hooks, parse_block
 from mm_lens.regions import ALIASES, OTHER, RELATED
@@ -65,6 +65,7 @@ class Greedy:
     first_token: int
     first_prob: float
     token_ids: list[int] = field(default_factory=list)
+    clean: CleanPass | None = field(default=None, repr=False)  # the prompt's clean pass, for the fast engine
 
 
 def greedy_answer(model: HookedLlava, inp: MultimodalInput, max_new_tokens: int = 10, fwd_hooks=()) -> Greedy:
@@ -74,9 +75,15 @@ def greedy_answer(model: HookedLlava, inp: MultimodalInput, max_new_tokens: int 
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.hf_model.generation_config, "eos_token_id", None)))
     eos.discard(None)
     generated: list[int] = []
+    clean = None
     with torch.inference_mode(), bridge.hooks(fwd_hooks=list(fwd_hooks)):
-        logits, cache = bridge(input_ids, return_type="logits_and_cache", **kwargs)
-        probs = logits[0, -1].float().softmax(-1)
+        if fwd_hooks:
+            logits, cache = bridge(input_ids, return_type="logits_and_cache", logits_to_keep=1, **kwargs)
+            last = logits[0, -1]
+        else:  # unhooked: keep the pass, knockout engines reuse it
+            clean = clean_pass(model, inp)
+            last, cache = clean.last_logits, clean.cache
+        probs = last.float().softmax(-1)
         first = int(probs.argmax())
         first_prob = float(probs[first])
         token = first
@@ -90,7 +97,7 @@ def greedy_answer(model: HookedLlava, inp: MultimodalInput, max_new_tokens: int 
             logits, cache = bridge(step, return_type="logits_and_cache", past_key_values=cache)
             token = int(logits[0, -1].argmax())
     text = normalize_answer(tokenizer.decode(generated, skip_special_tokens=True))
-    return Greedy(text=text, first_token=first, first_prob=first_prob, token_ids=generated)
+    return Greedy(text=text, first_token=first, first_prob=first_prob, token_ids=generated, clean=clean)
 
 
 def _as_list(value) -> list:
@@ -101,7 +108,8 @@ def _as_list(value) -> list:
 
 # ---------------------------------------------------------------- engines
 
-#: An engine returns knockout probabilities of `token`, shape ``[block, layer]`` (one window per layer).
+#: An engine returns knockout probabilities of `token`, shape ``[block, layer]`` (one window per layer);
+#: it may take ``clean=`` (a `CleanPass` of the prompt) to reuse work already done.
 Engine = Callable[..., Float[Tensor, "block layer"]]
 
 
@@ -112,8 +120,12 @@ def reference_engine(
     windows: Sequence[range],
     token: int,
     progress: bool = False,
+    clean: CleanPass | None = None,
 ) -> Float[Tensor, "block layer"]:
-    """One full forward with the knockout hooks per (block, window): slow and plain, the ground truth."""
+    """One full forward with the knockout hooks per (block, window): slow and plain, the ground truth.
+
+    `clean` is accepted for the engine signature and not used: every pass starts from the pixels.
+    """
     input_ids, kwargs = forward_args(inp)
     out = torch.empty(len(blocks), len(windows))
     jobs = [(b, w) for b in range(len(blocks)) for w in range(len(windows))]
@@ -166,7 +178,8 @@ def sweep(
         token, base = int(probs.argmax()), float(probs.max())
     else:
         token, base = greedy.first_token, greedy.first_prob
-    ko = run(model, inp, parsed, windows, token, progress=progress)
+    clean = {"clean": greedy.clean} if greedy is not None and greedy.clean is not None else {}
+    ko = run(model, inp, parsed, windows, token, progress=progress, **clean)
     rows = []
     for b, block in enumerate(parsed):
         for layer in range(n_layers):

@@ -61,3 +61,18 @@ def test_fast_engine_batches_of_one_and_mid_sequence_targets(tiny_llava, make_im
     ref = reference_engine(tiny_llava, inp, blocks, windows, 11)
     fast = fast_engine(tiny_llava, inp, blocks, windows, 11, memory_budget=1)
     assert torch.allclose(fast, ref, atol=1e-5, rtol=0)
+
+
+def test_sweep_shares_the_greedy_answers_clean_pass(model, make_image):
+    """The greedy answer's pass is the one the fast engine builds on; results still equal the reference."""
+    from mm_lens.sweep import greedy_answer, sweep
+
+    inp, blocks = _inputs(model, make_image)
+    greedy = greedy_answer(model, inp)
+    assert greedy.clean is not None and greedy.clean.embeds.shape[1] == inp.input_ids.shape[1]
+    fast = sweep(model, inp, blocks, window=2, engine="fast", greedy=greedy)
+    ref = sweep(model, inp, blocks, window=2, engine="reference", greedy=greedy)
+    assert torch.allclose(torch.tensor(fast["knockout_prob"].values), torch.tensor(ref["knockout_prob"].values),
+                          atol=1e-5, rtol=0)
+    # Decoding went on from the pass's cache; the prompt's keys/values the engine reuses are untouched.
+    assert greedy.clean.keys_values[0][0].shape[2] == inp.input_ids.shape[1]
