@@ -198,13 +198,19 @@ _HEAD_SCRIPT = """
 """
 
 _TAIL_SCRIPT = """
-window.addEventListener('load', function () {
-  var plots = document.querySelectorAll('.mm-plot');
-  var drawn = 0;
-  plots.forEach(function (p) { if (p.querySelector('.main-svg .plot, .main-svg .draglayer')) drawn++; });
-  document.documentElement.setAttribute('data-figures-total', String(plots.length));
-  document.documentElement.setAttribute('data-figures-drawn', String(drawn));
-});
+(function () {
+  // count the figures that drew; plotly may finish some asynchronously, so look again for a few seconds
+  var tries = 0;
+  function count() {
+    var plots = document.querySelectorAll('.mm-plot');
+    var drawn = 0;
+    plots.forEach(function (p) { if (p.querySelector('.main-svg .plot, .main-svg .draglayer')) drawn++; });
+    document.documentElement.setAttribute('data-figures-total', String(plots.length));
+    document.documentElement.setAttribute('data-figures-drawn', String(drawn));
+    if (drawn < plots.length && ++tries < 50) setTimeout(count, 200);
+  }
+  window.addEventListener('load', count);
+})();
 """
 
 _CSS = """

@@ -56,8 +56,9 @@ def chromium() -> str:
     return found
 
 
-def run_chromium(binary: str, page: Path, profile: Path, *args: str, timeout: int = 180) -> str:
-    """Headless Chromium on a local page, offline, with a fresh profile; returns stdout."""
+def run_chromium(binary: str, page: Path, profile: Path, *args: str, timeout: int = 600) -> str:
+    """Headless Chromium on a local page, offline, with a fresh profile; returns stdout. (A few seconds on an
+    idle machine; the generous timeout is for a CPU shared with training jobs.)"""
     cmd = [
         binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-extensions",
@@ -66,8 +67,12 @@ def run_chromium(binary: str, page: Path, profile: Path, *args: str, timeout: in
         "--virtual-time-budget=20000",  # run scripts (and the load event) before dumping / capturing
         *args, page.resolve().as_uri(),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-2000:]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"chromium did not finish within {timeout} s: {(err.stderr or b'')[-1500:]!r}")
+    assert done.returncode == 0, f"chromium exit {done.returncode}: {done.stderr[-2000:]}"
+    assert "<html" in done.stdout or "--screenshot" in " ".join(args), f"no DOM dumped: {done.stderr[-2000:]}"
     return done.stdout
 
 
@@ -152,6 +157,7 @@ def test_report_draws_every_figure_offline_without_js_errors(chromium, tmp_path)
 
     dom = run_chromium(chromium, page, tmp_path / "profile", "--dump-dom")
     found = summarise(dom)
+    assert found.html_attrs, f"no <html> element in the dumped DOM: {dom[:500]!r}"
     assert found.html_attrs.get("data-js-errors") == "", found.html_attrs.get("data-js-errors")
     assert found.html_attrs.get("data-figures-total") == str(n_figures)
     assert found.html_attrs.get("data-figures-drawn") == str(n_figures)
