@@ -170,6 +170,7 @@ def mean_ci(df: pd.DataFrame, by: list[str], value: str, level: float = 0.95) ->
 
 # ------------------------------------------------------------------------------------------ layer curves
 
+FLOW_CLIP = (-100.0, float("inf"))  # a probability cannot drop by more than 100%: bands stop there
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
 LENS_LABELS = {
     "answer_lower": "answer (lower case)",
@@ -309,7 +310,7 @@ def flow_curves(
     blocks = _block_order(blocks or df["block"].unique())
     summary = mean_ci(df, ["block", "layer"], "relative_change_pct", level)
     fig = go.Figure()
-    _add_curves(fig, summary, "block", {b: s for b, s in _block_styles(blocks).items()}, {}, "%")
+    _add_curves(fig, summary, "block", _block_styles(blocks), {}, "%", clip=FLOW_CLIP)
     fig.add_hline(y=0, line_dash="dot", line_color="gray")
     fig.update_layout(
         title=f"{title}<br>{_subtitle(df, level)}",
@@ -394,7 +395,7 @@ def _facets(
             fig.add_hline(y=0, line_dash="dot", line_color="gray", row=r + 1, col=c + 1)
     fig.update_xaxes(title_text="layer", row=rows)
     fig.update_yaxes(title_text=y_title, col=1)
-    if clip is not None:
+    if clip is not None and all(map(math.isfinite, clip)):
         fig.update_yaxes(range=list(clip))
     fig.update_layout(
         title=f"{title}<br><sup>band: {level:.0%} t-interval of the mean over samples</sup>",
@@ -413,7 +414,7 @@ def flow_tasks_figure(
     ``tables`` is ``{task: flow table}`` or one flow table with a ``task`` column."""
     return _facets(
         tables, "block", "relative_change_pct", _block_styles, {}, "%", level, title,
-        "relative change (%)", None, columns,
+        "relative change (%)", FLOW_CLIP, columns,
     )
 
 

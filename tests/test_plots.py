@@ -255,3 +255,13 @@ def test_attention_figure_is_layers_by_target_source_means():
     assert "3 samples" in fig.layout.title.text
     with pytest.raises(MMLensError, match="mass"):
         plots.attention_figure(df.drop(columns="mass"))
+
+
+def test_flow_bands_stop_at_minus_100_percent():
+    df = pd.DataFrame([dict(question_id=f"q{q}", block="Image->Question", layer=0, relative_change_pct=v)
+                       for q, v in enumerate([-100.0, -10.0, -95.0])])
+    (band,) = traces(plots.flow_curves(df), "band")
+    assert min(band.y) == -100.0  # the t-interval reaches below -100%, which no probability can
+    assert plots.mean_ci(df, ["block"], "relative_change_pct")["lo"].item() < -100
+    (facet_band,) = traces(plots.flow_tasks_figure({"A": df}), "band")
+    assert min(facet_band.y) == -100.0
