@@ -23,6 +23,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from mm_lens.knockout import Block, block_positions, check_rows, hook_name
 from mm_lens.lens import forward_args
@@ -94,6 +95,42 @@ def _batch_size(model: HookedLlava, prefix: list[tuple[Tensor, Tensor]], n: int,
     return max(1, min(n, budget // per_row))
 
 
+class _PrefixLayer(DynamicLayer):
+    """A cache layer over a preallocated buffer holding the clean prefix for every batch row.
+
+    Each run writes only its suffix's keys and values after the prefix, so runs that share a prefix (blocks
+    with the same first target) share one copy of it instead of concatenating a new one per run.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, batch: int, suffix_len: int):
+        super().__init__()
+        self.prefix_len = keys.shape[2]
+        shape = (batch, keys.shape[1], self.prefix_len + suffix_len, keys.shape[3])
+        self.buf_k, self.buf_v = keys.new_empty(shape), values.new_empty(shape)
+        self.buf_k[:, :, : self.prefix_len] = keys
+        self.buf_v[:, :, : self.prefix_len] = values
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.rewind()
+
+    def rewind(self) -> None:
+        """Forget the last run's suffix."""
+        self.keys = self.buf_k[:, :, : self.prefix_len]
+        self.values = self.buf_v[:, :, : self.prefix_len]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        end = self.keys.shape[2] + key_states.shape[2]
+        self.buf_k[:, :, self.keys.shape[2]: end] = key_states
+        self.buf_v[:, :, self.keys.shape[2]: end] = value_states
+        self.keys, self.values = self.buf_k[:, :, :end], self.buf_v[:, :, :end]
+        return self.keys, self.values
+
+
+def _prefix_cache(prefix: list[tuple[Tensor, Tensor]], batch: int, suffix_len: int) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers = [_PrefixLayer(k, v, batch, suffix_len) for k, v in prefix]
+    return cache
+
+
 def fast_engine(
     model: HookedLlava,
     inp: MultimodalInput,
@@ -113,14 +150,17 @@ def fast_engine(
         clean = clean or clean_pass(model, inp)
         embeds = clean.embeds
         seq_len = embeds.shape[1]
-        for b, block in enumerate(tqdm(blocks, desc="knockout", leave=False, disable=not progress)):
+        jobs = []
+        for b, block in enumerate(blocks):
             targets, sources = block_positions(inp.regions, block)
             check_rows([(targets, sources)], [str(block)])
-            if not len(targets) or not len(sources):
-                # An empty region blocks nothing: the clean probability, as the reference would give.
-                start = seq_len - 1
-            else:
-                start = min(int(t) for t in targets)
+            # An empty region blocks nothing: the clean probability, as the reference would give.
+            start = min(int(t) for t in targets) if len(targets) and len(sources) else seq_len - 1
+            jobs.append((start, b, targets, sources))
+        caches: dict[tuple[int, int], DynamicCache] = {}
+        for start, b, targets, sources in tqdm(sorted(jobs), desc="knockout", leave=False, disable=not progress):
+            if caches and next(iter(caches))[0] != start:
+                caches.clear()  # blocks come sorted by start: the previous prefix is done with
             mask = _suffix_mask(targets, sources, start, seq_len)
             prefix = _prefix(clean, start)
             step = _batch_size(model, prefix, len(windows), memory_budget)
@@ -131,10 +171,14 @@ def fast_engine(
                 for layer in sorted({layer for w in chunk for layer in w}):
                     rows = torch.tensor([layer in w for w in chunk])
                     hooks.append((hook_name(layer), batched_mask_hook(mask, rows)))
-                past = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix]) \
-                    if start > 0 else None
+                past = None
+                if start > 0:
+                    past = caches.get((start, n))
+                    if past is None:
+                        past = caches[(start, n)] = _prefix_cache(prefix, n, seq_len - start)
+                    for layer in past.layers:
+                        layer.rewind()
                 suffix = embeds[:, start:].expand(n, -1, -1)
                 logits = model.bridge.run_with_hooks(suffix, fwd_hooks=hooks, past_key_values=past, logits_to_keep=1)
                 out[b, lo: lo + n] = logits[:, -1].float().softmax(-1)[:, token].cpu()
     return out
-

@@ -18,7 +18,8 @@ def test_benchmark_smoke_run():
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     for block in ("Image->Question", "Related Image Patches->Question", "Other Image Patches->Question",
-                  "Question->Last", "Image->Last", "Last->Last", "all six"):
+                  "Question->Last", "Image->Last", "Last->Last", "->Question (3 blocks, one call)",
+                  "->Last (3 blocks, one call)", "all six (one call)"):
         assert re.search(rf"^{re.escape(block)}\s+[\d.]+\s+[\d.]+\s+[\d.]+", out, re.M), out
     diff = float(re.search(r"max probability difference: (\S+)", out).group(1))
     assert diff < 1e-5
