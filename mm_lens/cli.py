@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole study on the shipped toy model -> RESULTS/report.html")
     demo.add_argument("--out", default="results/demo", help="output folder (default: results/demo)")
-    demo.add_argument("--per-task", type=int, default=10, help="held-out questions per task type (default 10)")
+    demo.add_argument("--per-task", type=int, default=30, help="held-out questions per task type (default 30)")
     demo.add_argument("--model", default=None, help="another checkpoint instead of the shipped toy model")
     demo.set_defaults(func=cmd_demo)
 

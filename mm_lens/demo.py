@@ -44,7 +44,7 @@ def window_for(n_layers: int) -> int:
 
 
 def _layer_range(window: range) -> str:
-    return f"{window.start}-{window.stop - 1}" if len(window) > 1 else str(window.start)
+    return f"layers {window.start}-{window.stop - 1}" if len(window) > 1 else f"layer {window.start}"
 
 
 def flow_readings(flow: pd.DataFrame, n_layers: int, k: int) -> dict[str, str]:
@@ -60,7 +60,7 @@ def flow_readings(flow: pd.DataFrame, n_layers: int, k: int) -> dict[str, str]:
         out[block] = (
             f"{block}: no layer window changes the answer probability by more than 5% (largest |change| "
             f"{curve.abs().max():.1f}%)." if flat else
-            f"{block}: the largest drop, {curve.min():.1f}% on average, comes from knocking out layers "
+            f"{block}: the largest drop, {curve.min():.1f}% on average, comes from knocking out "
             f"{_layer_range(window)} (window centred on layer {low}); at the last layer the change is "
             f"{curve.iloc[-1]:.1f}%."
         )
@@ -81,7 +81,7 @@ def lens_reading(lens: pd.DataFrame) -> str:
     return "Answer logit lens: " + "; ".join(parts) + "."
 
 
-def run_demo(out_dir: str | Path = "results/demo", n_per_task: int = 10, model_path: str | Path | None = None,
+def run_demo(out_dir: str | Path = "results/demo", n_per_task: int = 30, model_path: str | Path | None = None,
              engine: str = "fast", progress: bool = True) -> Path:
     """Run the demo into `out_dir` (resumable: re-running skips finished samples); returns the report's path."""
     from mm_lens.attention import attention_samples
@@ -110,11 +110,12 @@ def run_demo(out_dir: str | Path = "results/demo", n_per_task: int = 10, model_p
         flows.append(pd.read_csv(out / task / "flow.csv", dtype={"question_id": str}).assign(task=task))
         lenses.append(pd.read_csv(out / task / "lens.csv", dtype={"question_id": str}).assign(task=task))
         wrong = sum(s.kind == "wrong answer" for s in flow.skips)
-        summary[task] = {"questions": flow.n_samples, "answered_correctly": flow.n_samples - wrong,
+        summary[task] = {"questions": flow.n_samples, "analysed": flow.n_analysed, "answered_wrongly": wrong,
                          "skipped_other": len(flow.skips) - wrong}
     flow_all, lens_all = pd.concat(flows, ignore_index=True), pd.concat(lenses, ignore_index=True)
-    acc = ", ".join(f"{t} {s['answered_correctly']}/{s['questions']}" for t, s in summary.items())
-    readings = {"flow": f"Correctly answered (and so analysed) per task: {acc}. Knockout window: {k} of "
+    acc = ", ".join(f"{t} {s['analysed']}/{s['questions']} ({s['answered_wrongly']} wrong, "
+                    f"{s['skipped_other']} other skips)" for t, s in summary.items())
+    readings = {"flow": f"Analysed per task (answered right, with usable boxes): {acc}. Knockout window: {k} of "
                         f"{n_layers} layers. " + " ".join(flow_readings(flow_all, n_layers, k).values()),
                 "lens": lens_reading(lens_all)}
     for task, df in zip(summary, flows):

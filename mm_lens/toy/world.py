@@ -257,8 +257,8 @@ def _csv_row(qid: str, img_id: str, q: Question) -> dict[str, str]:
         row["central object name"] = o.shape
         for c in _BOX_COLS:
             row[f"central object {c}"] = str(getattr(o, c))
-    else:
-        for i, o in enumerate(q.objects, start=1):
+    else:  # as in GQA, a missing object ('-') is always the second one
+        for i, o in enumerate(sorted(q.objects, key=lambda o: o is None), start=1):
             row[f"object{i} name"] = o.shape if o else "-"
             for c in _BOX_COLS:
                 row[f"object{i} {c}"] = str(getattr(o, c)) if o else "-"
