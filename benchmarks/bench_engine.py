@@ -24,14 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-BLOCKS = [
-    "Image->Question",
-    "Related Image Patches->Question",
-    "Other Image Patches->Question",
-    "Question->Last",
-    "Image->Last",
-    "Last->Last",
-]
+from mm_lens.knockout import STANDARD_BLOCKS as BLOCKS
+
 QUESTION = "Is the large metal cylinder on the left side of the small rubber sphere red or blue?"
 GROUPS = {
     "->Question (3 blocks, one call)": [b for b in BLOCKS if b.endswith("->Question")],

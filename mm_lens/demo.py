@@ -14,15 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 from mm_lens.errors import MMLensError
+from mm_lens.knockout import STANDARD_BLOCKS
 
-DEMO_BLOCKS = (
-    "Image->Question",
-    "Related Image Patches->Question",
-    "Other Image Patches->Question",
-    "Question->Last",
-    "Image->Last",
-    "Last->Last",
-)
+DEMO_BLOCKS = STANDARD_BLOCKS
 #: Seed of the demo's held-out set (training draws from its own random stream).
 HELD_OUT_SEED = 20251122
 

@@ -33,6 +33,15 @@ Edge = tuple[Sequence[int], Sequence[int]]
 
 #: The blocks of the study, in the order its figures use.
 STUDY_BLOCKS = ("Image->Question", "Image->Last", "Question->Last", "Last->Last")
+#: The six standard blocks: the study's, with the image split into related and other patches.
+STANDARD_BLOCKS = (
+    "Image->Question",
+    "Related Image Patches->Question",
+    "Other Image Patches->Question",
+    "Question->Last",
+    "Image->Last",
+    "Last->Last",
+)
 
 
 def hook_name(layer: int) -> str:
