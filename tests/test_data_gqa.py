@@ -21,7 +21,7 @@ ROW_COUNTS = {
     "LogicalObj": 991,
     "QueryAttr": 1000,
 }
-SHARED = Path("/work/shared/gqa-tasks")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "gqa-tasks"  # ../shared beside the checkout
 
 
 def _raw_rows(task: str) -> list[dict[str, str]]:
