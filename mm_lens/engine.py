@@ -8,8 +8,9 @@ before the first target computes exactly what it computes in the clean pass. The
   prefix cache (`past_key_values`), feeding embeddings so the image is never encoded again;
 - evaluates the layer windows of a block as one batch, one batch row per window, with a hook per layer that
   masks only the rows whose window covers that layer;
+- lets blocks with the same first target share one preallocated copy of the prefix cache per batch size;
 - computes logits for the last position only.
-Batches are sized so the copied prefix caches stay within a memory budget (by default half the model's size).
+Batches are sized so the prefix-cache copies stay within a memory budget (by default half the model's size).
 """
 
 from __future__ import annotations
@@ -62,9 +63,7 @@ def clean_pass(model: HookedLlava, inp: MultimodalInput) -> CleanPass:
     return CleanPass(store["embeds"], kv, logits[0, -1], cache)
 
 
-def batched_mask_hook(
-    mask: Bool[Tensor, "q_pos k_pos"], rows: Bool[Tensor, "batch"]
-):
+def batched_mask_hook(mask: Bool[Tensor, "q_pos k_pos"], rows: Bool[Tensor, "batch"]):
     """Hook on ``hook_attn_scores`` blocking `mask` in the batch rows selected by `rows` (the windows at this layer)."""
     full = mask[None, None] & rows[:, None, None, None]
 
