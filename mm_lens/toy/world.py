@@ -128,14 +128,11 @@ def _choose_attr(rng: random.Random) -> tuple[list[Obj], Question]:
     objs = _place(rng, rng.sample(SHAPES, rng.randint(2, 3)))
     o = rng.choice(objs)
     if rng.random() < 0.7:
-        false = rng.choice([c for c in COLORS if c != o.color])
-        a, b = rng.sample([o.color, false], 2)
-        q = Question("ChooseAttr", f"Is the {o.shape} {a} or {b}?", o.color, o.color, false, (o,))
+        true, false = o.color, rng.choice([c for c in COLORS if c != o.color])
     else:
-        false = "large" if o.size == "small" else "small"
-        a, b = rng.sample([o.size, false], 2)
-        q = Question("ChooseAttr", f"Is the {o.shape} {a} or {b}?", o.size, o.size, false, (o,))
-    return objs, q
+        true, false = o.size, ("large" if o.size == "small" else "small")
+    a, b = rng.sample([true, false], 2)
+    return objs, Question("ChooseAttr", f"Is the {o.shape} {a} or {b}?", true, true, false, (o,))
 
 
 def _choose_cat(rng: random.Random) -> tuple[list[Obj], Question]:
