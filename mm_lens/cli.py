@@ -18,7 +18,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (created if needed)")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows of the dataset")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: the bridge's choice)")
-    p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
+    p.add_argument("--dtype", default=None,
+                   help="float32 | float16 | bfloat16 (default: the protocol's: study float16 on CUDA, else float32)")
+    p.add_argument("--protocol", default="auto", choices=("auto", "study", "checkpoint"),
+                   help="inputs and defaults: the study's pipeline, the checkpoint's template and processor, or auto "
+                        "(the study's for its model families; default)")
     p.add_argument(
         "--device-map",
         default=None,
@@ -47,14 +51,37 @@ def build_parser() -> argparse.ArgumentParser:
         dest="blocks",
         help=f"knockout block 'Source->Target', repeatable (default: {', '.join(STUDY_BLOCKS)})",
     )
-    flow.add_argument("--window", type=int, default=9, help="layers knocked out around each layer (default 9)")
+    flow.add_argument("--window", type=int, default=None,
+                      help="layers knocked out around each layer (default: the protocol's; study 7 per 32 layers, "
+                           "checkpoint 9)")
     flow.add_argument("--all-samples", action="store_true", help="keep samples the model answers wrongly")
     flow.add_argument("--engine", default=None, help="sweep engine: 'fast' or 'reference' (default: the library's)")
     flow.set_defaults(func=cmd_flow)
 
     lens = sub.add_parser("lens", help="answer logit lens -> lens.csv, lens.html")
     _common(lens)
+    _lens_options(lens)
     lens.set_defaults(func=cmd_lens)
+
+    study = sub.add_parser(
+        "study", help="the whole study: six task sets x six blocks + the lens, under the study protocol -> report"
+    )
+    study.add_argument("--model", required=True, help="checkpoint directory or hub id of a study model")
+    study.add_argument("--images", required=True, help="folder holding the GQA images <img_id>.jpg")
+    study.add_argument("--out", required=True, help="output folder: one sub-folder per task, report.html")
+    study.add_argument("--tasks", nargs="+", default=None, help="task sets (default: all six)")
+    study.add_argument("--protocol", default="study", choices=("auto", "study", "checkpoint"),
+                       help="default study")
+    study.add_argument("--window", type=int, default=None, help="default: the protocol's (7 per 32 layers)")
+    study.add_argument("--limit", type=int, default=None, help="only the first N rows of each task set")
+    study.add_argument("--device", default=None)
+    study.add_argument("--dtype", default=None, help="default: the protocol's (float16 on CUDA)")
+    study.add_argument("--device-map", default=None)
+    study.add_argument("--shard", default=None, help="shard i/n of every task's samples (see flow --shard)")
+    study.add_argument("--engine", default=None)
+    study.add_argument("--all-samples", action="store_true", help="keep wrongly answered samples too")
+    study.add_argument("--retry-skips", action="store_true")
+    study.set_defaults(func=cmd_study)
 
     report = sub.add_parser("report", help="self-contained HTML report of a results folder -> report.html")
     report.add_argument("results_dir", help="folder with flow.csv / lens.csv / attention.csv (and <Task>/ subfolders)")
@@ -82,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lens_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--readout", default=None, choices=("raw", "norm"),
+                   help="lens readout below the top layer: raw (the study's) or through the final norm "
+                        "(default: the protocol's)")
+    p.add_argument("--all-samples", action="store_true",
+                   help="keep samples the model answers wrongly (the study protocol's lens keeps correct ones only)")
+
+
 def _device_map(text):
     import json
 
@@ -98,7 +133,7 @@ def _run_args(args) -> dict:
     return dict(
         out=args.out, model=args.model, dataset=args.dataset, images=args.images, limit=args.limit,
         dtype=args.dtype, device=args.device, device_map=_device_map(args.device_map), shard=args.shard,
-        retry_skips=args.retry_skips,
+        retry_skips=args.retry_skips, protocol=args.protocol,
     )
 
 
@@ -116,7 +151,18 @@ def cmd_flow(args) -> None:
 def cmd_lens(args) -> None:
     from mm_lens.runs import lens_run
 
-    print(lens_run(**_run_args(args)).text(), file=sys.stderr)
+    print(lens_run(readout=args.readout, all_samples=args.all_samples, **_run_args(args)).text(), file=sys.stderr)
+
+
+def cmd_study(args) -> None:
+    from mm_lens.study import run_study
+
+    run_study(
+        out=args.out, model=args.model, images=args.images, tasks=args.tasks, protocol=args.protocol,
+        window=args.window, limit=args.limit, device=args.device, dtype=args.dtype,
+        device_map=_device_map(args.device_map), shard=args.shard, engine=args.engine,
+        all_samples=args.all_samples, retry_skips=args.retry_skips,
+    )
 
 
 def cmd_merge(args) -> None:

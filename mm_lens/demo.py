@@ -95,9 +95,9 @@ def run_demo(out_dir: str | Path = "results/demo", n_per_task: int = 30, model_p
     flows, lenses, summary = [], [], {}
     for task, csv in csvs.items():
         print(f"[{task}] {n_per_task} held-out questions", file=sys.stderr)
-        flow = flow_run(out / task, model, csv, images, blocks=list(DEMO_BLOCKS), window=k, engine=engine,
+        flow = flow_run(out / task, hooked, csv, images, blocks=list(DEMO_BLOCKS), window=k, engine=engine,
                         progress=progress)
-        lens_run(out / task, model, csv, images, progress=progress)
+        lens_run(out / task, hooked, csv, images, progress=progress)
         if not (out / task / "attention.csv").is_file():
             attn = attention_samples(hooked, load_task(csv), lambda s: open_image(images, s), progress=progress)
             attn.table.to_csv(out / task / "attention.csv", index=False)

@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicLayer
 
 from mm_lens.knockout import Block, block_positions, check_rows, hook_name
 from mm_lens.lens import forward_args
+from mm_lens.protocol import vocab_softmax
 
 if TYPE_CHECKING:
     from mm_lens.model import HookedLlava
@@ -145,6 +146,7 @@ def fast_engine(
     `clean` is the prompt's clean pass when the caller already has it (the sweep shares the greedy answer's).
     """
     out = torch.empty(len(blocks), len(windows))
+    n_vocab = inp.vocab_size(model)
     with torch.inference_mode():
         clean = clean or clean_pass(model, inp)
         embeds = clean.embeds
@@ -179,5 +181,5 @@ def fast_engine(
                         layer.rewind()
                 suffix = embeds[:, start:].expand(n, -1, -1)
                 logits = model.bridge.run_with_hooks(suffix, fwd_hooks=hooks, past_key_values=past, logits_to_keep=1)
-                out[b, lo: lo + n] = logits[:, -1].float().softmax(-1)[:, token].cpu()
+                out[b, lo: lo + n] = vocab_softmax(logits[:, -1], n_vocab)[:, token].cpu()
     return out

@@ -1,8 +1,16 @@
-"""Answer logit lens: each layer's last-position residual stream read out through ``ln_final`` + ``unembed``.
+"""Answer logit lens: each layer's last-position residual stream read out through the unembedding.
 
-For every layer l, ``softmax(unembed(ln_final(resid_post[l][last])))`` gives the probability the model would
-assign to the first token of the answer (and of the false option) if it stopped after layer l. The last
-layer reproduces the model's own output distribution.
+For a point l of the residual stream at the last position, ``softmax(unembed(x_l))`` is the probability the
+model would give the first token of the answer (lower case and capitalised, and the false option) if it
+stopped there. The protocol's `LensReadout` says where and how:
+
+* the study reads L+1 points: the input embeddings (``blocks.0.hook_resid_pre``), the stream entering each
+  later block, and the model's output; below the top it applies no final norm (``readout="raw"``);
+* the checkpoint protocol reads the stream leaving each of the L blocks (``hook_resid_post``) through
+  ``ln_final`` (``readout="norm"``).
+
+Either readout works under either protocol; the top point is always the model's own output distribution
+(``ln_final`` then ``unembed``), and the softmax runs over the protocol's vocabulary.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from mm_lens.model import HookedLlava
+    from mm_lens.protocol import LensReadout, Protocol
     from mm_lens.regions import MultimodalInput
 
 LENS_COLUMNS = ["question_id", "layer", "form", "prob"]
@@ -56,24 +65,45 @@ def first_token_id(tokenizer, text: str) -> int:
     return int(ids[0])
 
 
-def layer_probs(model: HookedLlava, inp: MultimodalInput) -> Float[Tensor, "layer vocab"]:
-    """Next-token distribution at the last position read from every layer's ``hook_resid_post``."""
+def lens_hook_names(n_layers: int, readout: LensReadout) -> list[str]:
+    """The residual-stream hooks a readout reads, bottom to top (the last one is the model's final stream)."""
+    if readout.from_embeddings:
+        return [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    return [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+
+
+def layer_probs(
+    model: HookedLlava, inp: MultimodalInput, readout: str | LensReadout | None = None
+) -> Float[Tensor, "point vocab"]:
+    """Next-token distribution at the last position read from every point of the readout (see module doc).
+
+    ``readout``: ``"raw"`` / ``"norm"`` (or a `LensReadout`); None takes the input's protocol's.
+    """
+    from mm_lens.protocol import CHECKPOINT, vocab_softmax
+
+    lens = (inp.protocol or CHECKPOINT).with_readout(readout).readout
     bridge = model.bridge
-    names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.n_layers)]
+    names = lens_hook_names(model.n_layers, lens)
     wanted = set(names)
     input_ids, kwargs = forward_args(inp)
     with torch.inference_mode():
         _, cache = bridge.run_with_cache(input_ids, names_filter=lambda n: n in wanted, **kwargs)
-        resid = torch.stack([cache[name][:, -1] for name in names], dim=1)  # [batch, layer, d_model]
-        logits = bridge.unembed(bridge.ln_final(resid))
-        return logits[0].float().softmax(-1)
+        resid = torch.stack([cache[name][:, -1] for name in names], dim=1)  # [batch, point, d_model]
+        if lens.final_norm:
+            resid = bridge.ln_final(resid)
+        else:  # raw below the top; the top point is the model's output
+            resid = torch.cat([resid[:, :-1], bridge.ln_final(resid[:, -1:])], dim=1)
+        logits = bridge.unembed(resid)
+        return vocab_softmax(logits[0], inp.vocab_size(model))
 
 
-def answer_lens(model: HookedLlava, inp: MultimodalInput, forms: dict[str, str]) -> pd.DataFrame:
-    """Long table ``layer, form, prob``: per layer, the probability of each form's first token."""
+def answer_lens(
+    model: HookedLlava, inp: MultimodalInput, forms: dict[str, str], readout: str | LensReadout | None = None
+) -> pd.DataFrame:
+    """Long table ``layer, form, prob``: per lens point, the probability of each form's first token."""
     if not forms:
         raise MMLensError("answer_lens needs at least one form, e.g. answer_forms('red')")
-    probs = layer_probs(model, inp)
+    probs = layer_probs(model, inp, readout)
     token_ids = {form: first_token_id(model.tokenizer, text) for form, text in forms.items()}
     rows = [
         {"layer": layer, "form": form, "prob": float(probs[layer, tok])}
@@ -92,19 +122,33 @@ class LensResult:
     skips: list[Skip] = field(default_factory=list)
 
 
-def lens_sample(model: HookedLlava, sample: Sample, load_image: Callable[[Sample], Image]) -> pd.DataFrame:
-    """Rows ``question_id, layer, form, prob`` of one sample; `SampleSkip` when it cannot be analysed."""
+def lens_sample(
+    model: HookedLlava,
+    sample: Sample,
+    load_image: Callable[[Sample], Image],
+    protocol: str | Protocol | None = "auto",
+    all_samples: bool = False,
+    readout: str | None = None,
+) -> pd.DataFrame:
+    """Rows ``question_id, layer, form, prob`` of one sample; `SampleSkip` when it cannot be analysed, or
+    when the protocol keeps correct answers only (the study's) and the model answers wrongly."""
     from mm_lens.regions import prepare
+    from mm_lens.sweep import WRONG_ANSWER, greedy_answer
 
     try:
-        inp = prepare(model, load_image(sample), sample.question)
+        inp = prepare(model, load_image(sample), sample.question, protocol=protocol)
         forms = answer_forms(sample.answer, getattr(sample, "false_option", None))
         if not forms:
             raise SampleSkip("the row gives no answer to track", "empty answer")
     except SampleSkip as skip:
         skip.question_id = skip.question_id or str(sample.question_id)
         raise
-    table = answer_lens(model, inp, forms)
+    if inp.protocol.lens_correct_only and not all_samples:
+        greedy = greedy_answer(model, inp)
+        if greedy.text != inp.protocol.answer.gold(str(sample.answer)):
+            reason = f"model answered {greedy.text!r}, gold {sample.answer!r}"
+            raise SampleSkip(reason, WRONG_ANSWER, str(sample.question_id))
+    table = answer_lens(model, inp, forms, readout)
     table.insert(0, "question_id", str(sample.question_id))
     return table[LENS_COLUMNS]
 
@@ -114,8 +158,12 @@ def lens_samples(
     samples: Iterable[Sample],
     load_image: Callable[[Sample], Image],
     progress: bool = True,
+    protocol: str | Protocol | None = "auto",
+    all_samples: bool = False,
+    readout: str | None = None,
 ) -> LensResult:
-    """Answer lens over every sample (all of them: the lens needs no correct answer).
+    """Answer lens over the samples: every one under the checkpoint protocol, the correctly answered ones
+    under the study's (unless ``all_samples``).
 
     `load_image` may raise `SampleSkip` (missing image): that sample is skipped with its reason.
     """
@@ -123,7 +171,7 @@ def lens_samples(
     tables, skips = [], []
     for sample in tqdm(samples, desc="lens", unit="sample", disable=not progress):
         try:
-            tables.append(lens_sample(model, sample, load_image))
+            tables.append(lens_sample(model, sample, load_image, protocol, all_samples, readout))
         except SampleSkip as skip:
             skips.append(skip.record(str(sample.question_id)))
     table = pd.concat(tables, ignore_index=True)[LENS_COLUMNS] if tables else pd.DataFrame(columns=LENS_COLUMNS)

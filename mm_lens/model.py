@@ -104,6 +104,12 @@ def _check_local_checkpoint(path: Path) -> str:
     return model_type
 
 
+def check_checkpoint(name: str) -> None:
+    """The checks `load` makes on a local checkpoint directory before reading it (nothing for a hub id)."""
+    if _is_local_path(name):
+        _check_local_checkpoint(Path(name).expanduser())
+
+
 def _check_model_type(model_type: Any, name: str) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise MMLensError(
@@ -133,6 +139,27 @@ def _offline() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _default_dtype(name: str, processor: Any, device: str | None) -> torch.dtype:
+    """The auto protocol's precision for this checkpoint on `device` (see `mm_lens.protocol`)."""
+    from transformers import AutoConfig
+
+    from mm_lens.protocol import CHECKPOINT, STUDY, study_conversation
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception:  # noqa: BLE001 - the model load below reports a broken config properly
+        return torch.float32
+    protocol = STUDY if study_conversation(config, processor.tokenizer) else CHECKPOINT
+    return protocol.dtype(device)
+
+
+@contextlib.contextmanager
+def offline_if_local(name: str) -> Iterator[None]:
+    """Hugging Face offline mode while reading `name`, when it is a local directory (no hub probes)."""
+    with _offline() if _is_local_path(os.fspath(name)) else contextlib.nullcontext():
+        yield
+
+
 def _resolve_dtype(dtype: Any) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -144,19 +171,20 @@ def _resolve_dtype(dtype: Any) -> torch.dtype:
 def load(
     path_or_hub_id: str | os.PathLike,
     device: str | None = None,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str | None = None,
     device_map: str | dict | None = None,
 ) -> HookedLlava:
     """Load a ``llava`` / ``llava_next`` checkpoint as a bridge (eval mode) plus processor.
 
     A local directory loads fully offline (no hub probes); ``device_map`` (e.g. ``"auto"``) spreads a
-    large model over several GPUs and is exclusive with ``device``.
+    large model over several GPUs and is exclusive with ``device``. ``dtype`` None is the auto protocol's:
+    float16 for the study's model families on CUDA, float32 otherwise.
     """
     from transformers import AutoConfig, AutoProcessor
     from transformer_lens.model_bridge import TransformerBridge
 
     name = os.fspath(path_or_hub_id)
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = None if dtype is None else _resolve_dtype(dtype)
     local = _is_local_path(name)
     if device is not None and device_map is not None:
         raise MMLensError("pass either device or device_map, not both")
@@ -182,6 +210,8 @@ def load(
                 f"{name!r} has no multimodal processor (got {type(processor).__name__}); "
                 "save the LLaVA processor with processor.save_pretrained(path)"
             )
+        if torch_dtype is None:
+            torch_dtype = _default_dtype(name, processor, device if device_map is None else "cuda")
         boot_kwargs: dict[str, Any] = {"dtype": torch_dtype}
         if device_map is not None:
             boot_kwargs["device_map"] = device_map

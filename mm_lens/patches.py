@@ -423,3 +423,37 @@ def _image_processor(model):
     if not callable(image_processor):
         raise MMLensError(f"{type(model).__name__} has no image processor to map boxes to patches")
     return image_processor
+
+
+# ------------------------------------------------------------------------------------------ the study's rule
+
+
+def red_mask_patches(image_processor, image, regions, boxes: Sequence[Box | Sequence[float]]) -> tuple[list[int], list[int]]:
+    """The study's related / other image tokens: boxes drawn red on a green mask of the image's size, the mask
+    sent through `image_processor` without rescaling or normalising, a patch related when one of its pixels
+    is exactly (255, 0, 0).
+
+    Other = every image token but the related ones and LLaVA-NeXT's row separators (padding patches
+    included). Boxes are ``Box`` (x, y, w, h) or ``(x, y, w, h)`` in image pixels, drawn as the study draws
+    ``(int(x), int(y), int(x) + int(w), int(y) + int(h))``.
+    """
+    from mm_lens.protocol import pure_red, red_mask
+
+    drawn = []
+    for raw in boxes:
+        box = raw if isinstance(raw, Box) else _tuple_box(raw)
+        x, y, w, h = int(box.x), int(box.y), int(box.w), int(box.h)
+        drawn.append((x, y, x + w, y + h))
+    if not drawn:
+        raise SampleSkip("no object box given, so related patches are undefined", "no box")
+    mask = red_mask(image.size, drawn)
+    tiles = image_processor(images=mask, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"]
+    tiles = np.asarray(tiles).reshape(-1, *np.asarray(tiles).shape[-3:])  # [tile, 3, H, W]
+    red = pure_red(tiles)
+    related, other = [], []
+    for token in region_tokens(regions):
+        if red[token.tile, token.r0:token.r1, token.c0:token.c1].any():
+            related.append(token.position)
+        else:
+            other.append(token.position)
+    return related, other

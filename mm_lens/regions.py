@@ -21,15 +21,35 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from mm_lens.model import HookedLlava
+    from mm_lens.protocol import Protocol
 
 DEFAULT_INSTRUCTION = "Answer the question using a single word or phrase."
 FALLBACK_TEMPLATE = "USER: <image>\n{text} ASSISTANT:"
 
 IMAGE, QUESTION, LAST = "Image", "Question", "Last"
 RELATED, OTHER = "Related Image Patches", "Other Image Patches"
-# The study's names for the related / other patch sets.
-ALIASES = {"Image Central Object": RELATED, "Image Without Central Object": OTHER}
-REGION_NAMES = (IMAGE, QUESTION, LAST, RELATED, OTHER)
+TRUE_OPTION, FALSE_OPTION, CENTRAL_OBJECT = "True Option", "False Option", "Central Object"
+QUESTION_WITHOUT_OPTIONS = "Question without Options"
+# LLaVA-NeXT: the base tile (the whole image squashed), the high-resolution tiles (row separators
+# included, as the study counts them), and the related / other patches within the latter.
+BASE_IMAGE, HD_IMAGE = "Base Image", "HD Image"
+RELATED_HD, OTHER_HD = "Related HD Patches", "Other HD Patches"
+# The study's names for the same sets.
+ALIASES = {
+    "Image Central Object": RELATED,
+    "Image Without Central Object": OTHER,
+    "Image Original Patch": BASE_IMAGE,
+    "Image HD Patch Indice": HD_IMAGE,
+    "Image Central Object in HD Patch Indice": RELATED_HD,
+    "Image HD Patch Without Central Object Indice": OTHER_HD,
+}
+REGION_NAMES = (
+    IMAGE, QUESTION, LAST, RELATED, OTHER, QUESTION_WITHOUT_OPTIONS, BASE_IMAGE, HD_IMAGE, RELATED_HD, OTHER_HD
+)
+#: Text spans `prepare` locates when their text is given (``spans={...}``); blocks may name them.
+SPAN_NAMES = (TRUE_OPTION, FALSE_OPTION, CENTRAL_OBJECT)
+#: Regions that need the objects' boxes.
+PATCH_REGIONS = (RELATED, OTHER, RELATED_HD, OTHER_HD)
 
 PatchBox = tuple[int, int, int, int]  # (x0, y0, x1, y1) pixels, x1/y1 exclusive
 
@@ -87,14 +107,30 @@ class RegionMap:
             return list(self.question)
         if target == LAST:
             return [self.last]
-        if target in (RELATED, OTHER):
-            found = self.related if target == RELATED else self.other
+        if target in (BASE_IMAGE, HD_IMAGE):
+            base = target == BASE_IMAGE
+            return [p for p, tile in zip(self.image_positions, self.patch_tile) if (tile == 0) == base]
+        if target in PATCH_REGIONS:
+            found = self.related if target in (RELATED, RELATED_HD) else self.other
             if found is None:
                 raise MMLensError(
                     f"region {name!r} needs the objects' bounding boxes; pass boxes=... to prepare() "
                     "(or a dataset with box columns)"
                 )
+            if target == RELATED_HD:
+                hd = set(self.positions(HD_IMAGE))
+                return [p for p in found if p in hd]
+            if target == OTHER_HD:
+                related = set(self.related or ())
+                return [p for p in self.positions(HD_IMAGE) if p not in related]
             return list(found)
+        if target == QUESTION_WITHOUT_OPTIONS:
+            if TRUE_OPTION not in self.spans or FALSE_OPTION not in self.spans:
+                raise MMLensError(
+                    f"region {name!r} needs both options; pass spans={{'True Option': ..., 'False Option': ...}}"
+                )
+            options = set(self.spans[TRUE_OPTION]) | set(self.spans[FALSE_OPTION])
+            return [p for p in self.question if p not in options]
         for span_name, span in self.spans.items():
             if span_name.lower() == key.lower():
                 return list(span)
@@ -119,6 +155,11 @@ class MultimodalInput:
     prompt: str
     question: str
     regions: RegionMap
+    protocol: Protocol | None = None  # the resolved protocol that built this input (None: built by hand)
+
+    def vocab_size(self, model: HookedLlava) -> int | None:
+        """Vocabulary rows the protocol's softmax runs over (None: all)."""
+        return self.protocol.vocab_size(model) if self.protocol is not None else None
 
     def model_kwargs(self) -> dict[str, Tensor]:
         """Keyword arguments for ``bridge(input_ids, **kw)`` / ``run_with_hooks(input_ids, **kw)``."""
@@ -145,18 +186,56 @@ def prepare(
     instruction: str | None = DEFAULT_INSTRUCTION,
     spans: dict[str, str] | None = None,
     boxes: Sequence[Any] | None = None,
+    protocol: str | Protocol | None = "auto",
 ) -> MultimodalInput:
-    """Tokenise (image, question) as the checkpoint expects and locate every region of interest.
+    """Tokenise (image, question) as `protocol` says and locate every region of interest.
 
-    The user text is ``question + " \\n" + instruction``; ``spans`` names substrings of the user text
-    (e.g. ``{"True Option": "red"}``); ``boxes`` (image pixels) fill the related / other patch sets.
+    ``protocol``: ``"study"`` (the study's prompt, tokens, pixels and patch rule), ``"checkpoint"`` (the
+    checkpoint's chat template and processor) or ``"auto"`` (the study's for its model families). The user
+    text is ``question + " \\n" + instruction``; ``spans`` names substrings of it (e.g. ``{"True Option":
+    "red"}``); ``boxes`` (image pixels) fill the related / other patch sets.
     """
+    from mm_lens.protocol import resolve_protocol
+
+    proto = resolve_protocol(protocol, model)
     question = question.strip()
     if not question:
         raise SampleSkip("the question is empty; pass the question text", "empty question")
     text = f"{question} \n{instruction}" if instruction else question
-    prompt = build_prompt(model, text)
     image = image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
+    enc = proto.encode(model, image, question, text, dict(spans or {}))
+    regions = _image_layout(model, enc.input_ids, enc.image_sizes)
+    regions.question = enc.question
+    regions.spans = enc.spans
+    device = model.device
+    vision_dtype = next(model.hf_model.parameters()).dtype
+    image_sizes = enc.image_sizes
+    inp = MultimodalInput(
+        input_ids=enc.input_ids.to(device),
+        attention_mask=torch.ones_like(enc.input_ids).to(device),
+        pixel_values=enc.pixel_values.to(device=device, dtype=vision_dtype),
+        image_sizes=image_sizes.to(device) if image_sizes is not None else None,
+        prompt=enc.prompt,
+        question=question,
+        regions=regions,
+        protocol=proto,
+    )
+    if boxes is not None:
+        assign_boxes(model, inp, image, boxes)
+    return inp
+
+
+def assign_boxes(model: HookedLlava, inp: MultimodalInput, image: Image, boxes: Sequence[Any]) -> None:
+    """Fill the related / other patch sets of `inp` for `boxes` (image pixels) by its protocol's rule."""
+    inp.regions.related, inp.regions.other = inp.protocol.patch_sets(model, image, inp.regions, boxes)
+
+
+def encode_with_processor(model: HookedLlava, image: Image, question: str, text: str, spans: dict[str, str]):
+    """The checkpoint protocol's encoding: the checkpoint's chat template and processor, positions found
+    through the tokenizer's character offsets (spans: whole word first, then any case, then any substring)."""
+    from mm_lens.protocol import Encoding
+
+    prompt = build_prompt(model, text)
     image_token = getattr(model.processor, "image_token", "<image>")
     if prompt.count(image_token) != 1:
         raise MMLensError(f"prompt must hold exactly one {image_token!r}, got {prompt.count(image_token)}: {prompt!r}")
@@ -182,7 +261,6 @@ def prepare(
         raise MMLensError(
             f"the tokenizer of {model.name!r} gives no character offsets; load a fast (tokenizers) tokenizer"
         )
-    input_ids = enc["input_ids"]
     offsets = enc["offset_mapping"][0].tolist()
     shift = _char_shifter(enc.get("text_replacement_offsets"))
 
@@ -194,7 +272,7 @@ def prepare(
     if not question_pos:
         raise SampleSkip(f"question {question!r} maps to no tokens", "question not in prompt")
     found_spans: dict[str, list[int]] = {}
-    for span_name, span_text in (spans or {}).items():
+    for span_name, span_text in spans.items():
         start = _find_word(prompt, str(span_text), text_start, text_end)
         if start < 0:
             raise SampleSkip(
@@ -202,35 +280,14 @@ def prepare(
                 f"{span_name} not in question",
             )
         found_spans[span_name] = char_span_positions(start, start + len(str(span_text)))
-
-    regions = _image_layout(model, input_ids, enc)
-    regions.question = question_pos
-    regions.spans = found_spans
-    device = model.device
-    vision_dtype = next(model.hf_model.parameters()).dtype
-    pixel_values = enc["pixel_values"].to(device=device, dtype=vision_dtype)
-    image_sizes = enc.get("image_sizes")
-    inp = MultimodalInput(
-        input_ids=input_ids.to(device),
-        attention_mask=enc["attention_mask"].to(device),
-        pixel_values=pixel_values,
-        image_sizes=image_sizes.to(device) if image_sizes is not None else None,
+    return Encoding(
+        input_ids=enc["input_ids"],
+        pixel_values=enc["pixel_values"],
+        image_sizes=enc.get("image_sizes"),
         prompt=prompt,
-        question=question,
-        regions=regions,
+        question=question_pos,
+        spans=found_spans,
     )
-    if boxes is not None:
-        inp.regions.related, inp.regions.other = _related_and_other(model, image, inp.regions, boxes)
-    return inp
-
-
-def _related_and_other(model, image, regions: RegionMap, boxes) -> tuple[list[int], list[int]]:
-    """Delegate box -> patch assignment to ``mm_lens.patches`` (issue 3)."""
-    try:
-        from mm_lens import patches
-    except ImportError:
-        raise MMLensError("boxes were given but mm_lens.patches is not available in this version") from None
-    return patches.related_and_other(model, image, regions, boxes)
 
 
 def _find_word(text: str, needle: str, start: int, end: int) -> int:
@@ -260,7 +317,20 @@ def _char_shifter(replacement_offsets: Any):
     return shift
 
 
-def _image_layout(model: HookedLlava, input_ids: Tensor, enc: Any) -> RegionMap:
+def image_codes(model: HookedLlava, image_size: Tensor | None) -> list[tuple]:
+    """One code per image feature the model packs, in sequence order: ``(tile, row, col[, grid_row, grid_col])``;
+    tile -1 marks a LLaVA-NeXT row separator. ``image_size``: NeXT's original (height, width)."""
+    config = model.config
+    vision = config.vision_config
+    side = int(vision.image_size) // int(vision.patch_size)
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if model.model_type == "llava_next":
+        return _llava_next_codes(model, image_size, strategy, side)
+    codes = [(0, -1, -1)] if strategy == "full" else []
+    return codes + [(0, r, c) for r in range(side) for c in range(side)]
+
+
+def _image_layout(model: HookedLlava, input_ids: Tensor, image_sizes: Tensor | None) -> RegionMap:
     """Image positions and the patch each image token stands for, per model type."""
     config = model.config
     image_token_id = getattr(config, "image_token_id", None)
@@ -270,13 +340,7 @@ def _image_layout(model: HookedLlava, input_ids: Tensor, enc: Any) -> RegionMap:
     image_positions = (ids == image_token_id).nonzero().flatten().tolist()
     vision = config.vision_config
     tile_px, patch_px = int(vision.image_size), int(vision.patch_size)
-    side = tile_px // patch_px
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if model.model_type == "llava_next":
-        codes = _llava_next_codes(model, enc["image_sizes"][0], strategy, side)
-    else:
-        codes = [(0, -1, -1)] if strategy == "full" else []
-        codes += [(0, r, c) for r in range(side) for c in range(side)]
+    codes = image_codes(model, image_sizes[0] if image_sizes is not None else None)
     if len(codes) != len(image_positions):
         raise MMLensError(
             f"{len(image_positions)} image tokens in the input but the model packs {len(codes)} image features; "
@@ -367,6 +431,8 @@ def _anyres_grid_width(model: HookedLlava, image_size: Tensor, side: int) -> int
 
 __all__ = [
     "ALIASES",
+    "PATCH_REGIONS",
+    "SPAN_NAMES",
     "DEFAULT_INSTRUCTION",
     "REGION_NAMES",
     "MultimodalInput",

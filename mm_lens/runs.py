@@ -138,8 +138,9 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _model_id(model: str) -> str:
+def _model_id(model: Any) -> str:
     """A local checkpoint as its absolute path (so ``./m`` and ``/abs/m`` agree); a hub id unchanged."""
+    model = getattr(model, "name", model)  # a loaded HookedLlava: where it came from
     path = Path(str(model)).expanduser()
     return str(path.resolve()) if path.exists() else str(model)
 
@@ -538,9 +539,9 @@ def _run(
     out: str | Path,
     dataset: str | Path,
     images: str | Path,
-    model: str,
-    options: dict[str, Any],
-    make_process: Callable[[Any, Callable], Callable[[Sample], pd.DataFrame]],
+    model: Any,
+    options: Callable[[Any], dict[str, Any]],
+    make_process: Callable[[Any, Callable, Any], Callable[[Sample], pd.DataFrame]],
     limit: int | None,
     dtype: Any,
     device: str | None,
@@ -548,10 +549,13 @@ def _run(
     shard: Shard | str | None,
     retry_skips: bool,
     progress: bool,
-    check_model: Callable[[Any], None] = lambda model: None,
+    check_model: Callable[[Any, Any], None] = lambda model, resolved: None,
+    resolve: Callable[[], Any] = lambda: None,
 ) -> RunSummary:
     """Shared body of `flow_run` / `lens_run`: everything is validated before the model loads, and the
-    model is not loaded at all when every sample is already done."""
+    model is not loaded at all when every sample is already done. `resolve` gives the run's `RunProtocol`
+    (after the dataset and images are checked); `options` the command's options given it. Both are recorded
+    in the configuration."""
     if isinstance(shard, str):
         shard = parse_shard(shard)
     if shard is None:
@@ -562,6 +566,11 @@ def _run(
         shard = None
     samples = _samples(dataset, limit)
     images_dir, load_image = _image_loader(images)
+    if dtype is not None:
+        _dtype_name(dtype)  # a bad --dtype fails before the checkpoint is read
+    protocol = resolve()
+    if protocol is not None and dtype is None:
+        dtype = protocol.dtype
     config = run_config(
         command,
         dataset,
@@ -570,7 +579,8 @@ def _run(
         images=str(images_dir),
         limit=limit,
         dtype=_dtype_name(dtype),
-        **options,
+        **(protocol.record if protocol is not None else {}),
+        **options(protocol),
         shard=None if shard is None else str(shard),
     )
     out = Path(out).expanduser()
@@ -580,9 +590,12 @@ def _run(
         if n_resumed < len(indices):
             from mm_lens.model import load
 
-            hooked = load(model, device=device, dtype=dtype, device_map=device_map)
-            check_model(hooked)
-            execute(run, samples, indices, make_process(hooked, load_image), retry_skips, progress)
+            loaded = not isinstance(model, (str, os.PathLike))
+            hooked = model if loaded else load(model, device=device, dtype=dtype, device_map=device_map)
+            check_model(hooked, protocol)
+            if protocol is not None:
+                print(f"mm-lens: {protocol.line()}", file=sys.stderr)
+            execute(run, samples, indices, make_process(hooked, load_image, protocol), retry_skips, progress)
         written = run.finish(outputs=shard is None)
         summary = RunSummary(
             command,
@@ -599,64 +612,155 @@ def _run(
     return summary
 
 
+@dataclass(frozen=True)
+class RunProtocol:
+    """A run's protocol resolved from the checkpoint's files before loading it, with the defaults it implies."""
+
+    protocol: Any  # mm_lens.protocol.Protocol
+    n_layers: int
+    dtype: Any
+    window: int | None = None  # flow only
+    readout: str | None = None  # lens only
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """What the run's configuration records (and a resumed run must match)."""
+        out: dict[str, Any] = {
+            "protocol": self.protocol.name,
+            "template": self.protocol.conversation.name if self.protocol.conversation else "checkpoint chat template",
+            "vocab": "original (ids below <image>)" if self.protocol.original_vocab else "full",
+        }
+        if self.readout is not None:
+            out["readout"] = self.readout
+            out["lens_points"] = "embeddings..output" if self.protocol.readout.from_embeddings else "after each block"
+        return out
+
+    def line(self) -> str:
+        """One line saying what was resolved, for the terminal."""
+        parts = [f"protocol {self.protocol.name}", f"template {self.record['template']}", f"dtype {_dtype_name(self.dtype)}"]
+        if self.window is not None:
+            parts.append(f"window {self.window} of {self.n_layers} layers")
+        if self.readout is not None:
+            parts.append(f"lens readout {self.readout}")
+        return ", ".join(parts)
+
+
+def resolve_run_protocol(
+    model: Any, protocol: str | None, dtype: Any, device: str | None, window: int | None = None,
+    readout: str | None = None, command: str = "flow",
+) -> RunProtocol:
+    """Resolve ``--protocol`` (default auto), and the dtype / window / readout it implies when not given."""
+    from mm_lens.protocol import protocol_for_checkpoint, resolve_protocol
+
+    if isinstance(model, (str, os.PathLike)):
+        from mm_lens.model import check_checkpoint
+
+        check_checkpoint(str(model))  # the load's own errors, before anything reads the files
+        proto, n_layers = protocol_for_checkpoint(protocol, str(model)), _n_layers(str(model))
+    else:  # a loaded HookedLlava
+        proto, n_layers = resolve_protocol(protocol, model), model.n_layers
+        dtype = next(model.hf_model.parameters()).dtype if dtype is None else dtype
+    proto = proto.with_readout(readout)
+    return RunProtocol(
+        protocol=proto,
+        n_layers=n_layers,
+        dtype=proto.dtype(device) if dtype is None else dtype,
+        window=(proto.window(n_layers) if window is None else window) if command == "flow" else None,
+        readout=proto.readout.name if command == "lens" else None,
+    )
+
+
+def _n_layers(model: str) -> int:
+    from transformers import AutoConfig
+
+    from mm_lens.model import offline_if_local
+
+    with offline_if_local(model):
+        config = AutoConfig.from_pretrained(model)
+    return int(config.text_config.num_hidden_layers)
+
+
 def flow_run(
     out: str | Path,
-    model: str,
+    model: Any,  # a path / hub id, or a loaded HookedLlava
     dataset: str | Path,
     images: str | Path,
     blocks: Sequence[str] | None = None,
-    window: int = 9,
+    window: int | None = None,
     all_samples: bool = False,
     engine: str = "fast",
     limit: int | None = None,
-    dtype: Any = "float32",
+    dtype: Any = None,
     device: str | None = None,
     device_map: Any = None,
     shard: Shard | str | None = None,
     retry_skips: bool = False,
     progress: bool = True,
+    protocol: str | None = "auto",
 ) -> RunSummary:
-    """The attention-knockout sweep as a resumable run into `out` (``flow.csv``, ``flow.html``, skips)."""
+    """The attention-knockout sweep as a resumable run into `out` (``flow.csv``, ``flow.html``, skips).
+
+    ``protocol`` (default auto) decides the inputs and the defaults: window None = the protocol's, dtype
+    None = the protocol's on the device (the study: float16 on CUDA).
+    """
     from mm_lens.knockout import STUDY_BLOCKS, parse_block
+    from mm_lens.regions import SPAN_NAMES
     from mm_lens.sweep import flow_sample, get_engine, layer_window
 
-    parsed = [parse_block(b, extra_names=("True Option", "False Option")) for b in (blocks or STUDY_BLOCKS)]
+    parsed = [parse_block(b, extra_names=SPAN_NAMES) for b in (blocks or STUDY_BLOCKS)]
     get_engine(engine)
-    if not isinstance(window, int) or window < 1:
+    if window is not None and (not isinstance(window, int) or window < 1):
         raise MMLensError(f"window {window!r} must be a positive number of layers")
-    options = {"blocks": [str(b) for b in parsed], "window": window, "engine": engine, "all_samples": all_samples}
+    def resolve():
+        return resolve_run_protocol(model, protocol, dtype, device, window=window, command="flow")
 
-    def make_process(model_, load_image):
-        return lambda sample: flow_sample(model_, sample, load_image, parsed, window, all_samples, engine)
+    def options(resolved):
+        return {"blocks": [str(b) for b in parsed], "window": resolved.window, "engine": engine,
+                "all_samples": all_samples}
 
-    def check_model(model_):
-        layer_window(0, window, model_.n_layers)
+    def make_process(model_, load_image, resolved):
+        proto, k = resolved.protocol, resolved.window
+        return lambda sample: flow_sample(model_, sample, load_image, parsed, k, all_samples, engine, proto)
+
+    def check_model(model_, resolved):
+        layer_window(0, resolved.window, model_.n_layers)
 
     return _run("flow", out, dataset, images, model, options, make_process, limit, dtype, device, device_map,
-                shard, retry_skips, progress, check_model)
+                shard, retry_skips, progress, check_model, resolve)
 
 
 def lens_run(
     out: str | Path,
-    model: str,
+    model: Any,  # a path / hub id, or a loaded HookedLlava
     dataset: str | Path,
     images: str | Path,
     limit: int | None = None,
-    dtype: Any = "float32",
+    dtype: Any = None,
     device: str | None = None,
     device_map: Any = None,
     shard: Shard | str | None = None,
     retry_skips: bool = False,
     progress: bool = True,
+    protocol: str | None = "auto",
+    readout: str | None = None,
+    all_samples: bool = False,
 ) -> RunSummary:
-    """The answer logit lens as a resumable run into `out` (``lens.csv``, ``lens.html``, skips)."""
+    """The answer logit lens as a resumable run into `out` (``lens.csv``, ``lens.html``, skips).
+
+    Under the study protocol only correctly answered samples count (``all_samples`` keeps every one);
+    ``readout`` ``"raw"`` / ``"norm"`` overrides the protocol's.
+    """
     from mm_lens.lens import lens_sample
 
-    def make_process(model_, load_image):
-        return lambda sample: lens_sample(model_, sample, load_image)
+    def resolve():
+        return resolve_run_protocol(model, protocol, dtype, device, readout=readout, command="lens")
 
-    return _run("lens", out, dataset, images, model, {}, make_process, limit, dtype, device, device_map,
-                shard, retry_skips, progress)
+    def make_process(model_, load_image, resolved):
+        proto = resolved.protocol
+        return lambda sample: lens_sample(model_, sample, load_image, proto, all_samples, resolved.readout)
+
+    return _run("lens", out, dataset, images, model, lambda resolved: {"all_samples": all_samples} if all_samples else {},
+                make_process, limit, dtype, device, device_map, shard, retry_skips, progress, resolve=resolve)
 
 
 # ------------------------------------------------------------------------------------------------ merge

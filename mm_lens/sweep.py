@@ -23,8 +23,10 @@ from mm_lens.data.gqa import Sample, SampleSkip, Skip, boxes_for, check_sample
 from mm_lens.engine import CleanPass, clean_pass, fast_engine
 from mm_lens.errors import MMLensError
 from mm_lens.knockout import Block, block_hooks, parse_block
-from mm_lens.regions import ALIASES, OTHER, RELATED
 from mm_lens.lens import forward_args
+from mm_lens.protocol import CHECKPOINT_ANSWER, AnswerRule, Protocol, resolve_protocol, vocab_softmax
+from mm_lens.regions import ALIASES, CENTRAL_OBJECT, FALSE_OPTION, SPAN_NAMES, TRUE_OPTION
+from mm_lens.regions import PATCH_REGIONS as _PATCHES
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from mm_lens.regions import MultimodalInput
 
 FLOW_COLUMNS = ["question_id", "block", "layer", "base_prob", "knockout_prob", "relative_change_pct"]
-PATCH_REGIONS = (RELATED, OTHER, *ALIASES)  # regions that need the objects' boxes
+PATCH_REGIONS = (*_PATCHES, *(a for a, t in ALIASES.items() if t in _PATCHES))  # regions that need boxes
 WRONG_ANSWER = "wrong answer"  # skip kind of a sample the model answers wrongly
 
 
@@ -50,11 +52,8 @@ def layer_window(layer: int, k: int, n_layers: int) -> range:
 
 
 def normalize_answer(text: str) -> str:
-    """Answer as the study compares it: up to the first newline, stripped, lower case, final period dropped."""
-    text = text.split("\n", 1)[0].strip().lower()
-    if text.endswith("."):
-        text = text[:-1].rstrip()
-    return text
+    """Answer as the checkpoint protocol compares it: first line, stripped, lower case, final period dropped."""
+    return CHECKPOINT_ANSWER.normalise(text)
 
 
 @dataclass
@@ -68,9 +67,18 @@ class Greedy:
     clean: CleanPass | None = field(default=None, repr=False)  # the prompt's clean pass, for the fast engine
 
 
-def greedy_answer(model: HookedLlava, inp: MultimodalInput, max_new_tokens: int = 10, fwd_hooks=()) -> Greedy:
-    """Greedy decoding with the bridge and its KV cache, up to EOS, a newline or `max_new_tokens`."""
+def greedy_answer(
+    model: HookedLlava, inp: MultimodalInput, max_new_tokens: int | None = None, fwd_hooks=(), rule: AnswerRule | None = None
+) -> Greedy:
+    """Greedy decoding with the bridge and its KV cache, as the input's protocol decodes answers.
+
+    The study's rule decodes up to 128 tokens or EOS; the checkpoint's stops at a newline too (10 tokens).
+    The argmax and the first token's probability run over the protocol's vocabulary.
+    """
     bridge, tokenizer = model.bridge, model.tokenizer
+    rule = rule or (inp.protocol.answer if inp.protocol is not None else CHECKPOINT_ANSWER)
+    limit = rule.max_new_tokens if max_new_tokens is None else max_new_tokens
+    n_vocab = inp.vocab_size(model)
     input_ids, kwargs = forward_args(inp)
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.hf_model.generation_config, "eos_token_id", None)))
     eos.discard(None)
@@ -83,20 +91,22 @@ def greedy_answer(model: HookedLlava, inp: MultimodalInput, max_new_tokens: int 
         else:  # unhooked: keep the pass, knockout engines reuse it
             clean = clean_pass(model, inp)
             last, cache = clean.last_logits, clean.cache
-        probs = last.float().softmax(-1)
+        probs = vocab_softmax(last, n_vocab)
         first = int(probs.argmax())
         first_prob = float(probs[first])
         token = first
-        for _ in range(max_new_tokens):
+        for _ in range(limit):
             if token in eos:
                 break
             generated.append(token)
-            if "\n" in tokenizer.decode(generated, skip_special_tokens=True) or len(generated) == max_new_tokens:
+            if len(generated) == limit or (
+                rule.stop_at_newline and "\n" in tokenizer.decode(generated, skip_special_tokens=True)
+            ):
                 break
             step = torch.tensor([[token]], device=input_ids.device)
             logits, cache = bridge(step, return_type="logits_and_cache", past_key_values=cache)
-            token = int(logits[0, -1].argmax())
-    text = normalize_answer(tokenizer.decode(generated, skip_special_tokens=True))
+            token = int(logits[0, -1, :n_vocab].argmax())
+    text = rule.normalise(tokenizer.decode(generated, skip_special_tokens=True))
     return Greedy(text=text, first_token=first, first_prob=first_prob, token_ids=generated, clean=clean)
 
 
@@ -127,13 +137,14 @@ def reference_engine(
     `clean` is accepted for the engine signature and not used: every pass starts from the pixels.
     """
     input_ids, kwargs = forward_args(inp)
+    n_vocab = inp.vocab_size(model)
     out = torch.empty(len(blocks), len(windows))
     jobs = [(b, w) for b in range(len(blocks)) for w in range(len(windows))]
     with torch.inference_mode():
         for b, w in tqdm(jobs, desc="knockout", unit="fwd", leave=False, disable=not progress):
             hooks = block_hooks(inp.regions, blocks[b], windows[w])
             logits = model.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, **kwargs)
-            out[b, w] = logits[0, -1].float().softmax(-1)[token]
+            out[b, w] = vocab_softmax(logits[0, -1], n_vocab)[token]
     return out
 
 
@@ -155,7 +166,7 @@ def sweep(
     model: HookedLlava,
     inp: MultimodalInput,
     blocks: Sequence[str | Block],
-    window: int = 9,
+    window: int | None = None,
     engine: str = "fast",
     question_id: str = "",
     greedy: Greedy | None = None,
@@ -164,17 +175,20 @@ def sweep(
     """Rows ``question_id, block, layer, base_prob, knockout_prob, relative_change_pct`` for one input.
 
     The tracked token is the greedy first answer token (pass `greedy` to reuse a decoding already done).
+    ``window`` defaults to the input's protocol's (the study: 7 per 32 layers; the checkpoint protocol: 9).
     """
     parsed = [b if isinstance(b, Block) else parse_block(b, extra_names=list(inp.regions.spans or {})) for b in blocks]
     if not parsed:
         raise MMLensError("sweep needs at least one block, e.g. 'Image->Question'")
     n_layers = model.n_layers
+    if window is None:
+        window = (inp.protocol or resolve_protocol("checkpoint", model)).window(n_layers)
     windows = [layer_window(layer, window, n_layers) for layer in range(n_layers)]
     run = get_engine(engine)
     if greedy is None:
         with torch.inference_mode():
             input_ids, kwargs = forward_args(inp)
-            probs = model.bridge(input_ids, **kwargs)[0, -1].float().softmax(-1)
+            probs = vocab_softmax(model.bridge(input_ids, **kwargs)[0, -1], inp.vocab_size(model))
         token, base = int(probs.argmax()), float(probs.max())
     else:
         token, base = greedy.first_token, greedy.first_prob
@@ -211,22 +225,23 @@ class FlowResult:
         return self.n_samples - len(self.skips)
 
 
-def _prepare_kwargs(sample, blocks: Sequence[Block], image) -> dict:
-    """Extra `prepare` arguments a block set needs: option spans and object boxes."""
+def _spans(sample, blocks: Sequence[Block]) -> dict[str, str]:
+    """Text spans a block set names (options, the central object), from the sample's columns."""
     names = {n for b in blocks for n in (b.source, b.target)}
-    kwargs: dict = {}
+    if "Question without Options" in names:
+        names |= {TRUE_OPTION, FALSE_OPTION}
     spans = {}
-    for name, attr in (("True Option", "true_option"), ("False Option", "false_option")):
-        if name in names and getattr(sample, attr, None):
-            spans[name] = getattr(sample, attr)
-        elif name in names:
+    for name, attr in ((TRUE_OPTION, "true_option"), (FALSE_OPTION, "false_option"), (CENTRAL_OBJECT, "central_object")):
+        if name not in names:
+            continue
+        if not getattr(sample, attr, None):
             raise SampleSkip(f"the row gives no {name.lower()} (column {name.lower()!r})", f"no {name}")
-    if spans:
-        kwargs["spans"] = spans
-    if names & set(PATCH_REGIONS):
-        check_sample(sample, need_boxes=True)
-        kwargs["boxes"] = list(boxes_for(sample, *image.size))
-    return kwargs
+        spans[name] = getattr(sample, attr)
+    return spans
+
+
+def _needs_boxes(block: Block) -> bool:
+    return block.source in PATCH_REGIONS or block.target in PATCH_REGIONS
 
 
 def flow_sample(
@@ -234,22 +249,35 @@ def flow_sample(
     sample: Sample,
     load_image: Callable[[Sample], Image],
     blocks: Sequence[Block],
-    window: int = 9,
+    window: int | None = None,
     all_samples: bool = False,
     engine: str = "fast",
+    protocol: str | Protocol | None = "auto",
 ) -> pd.DataFrame:
     """The sweep rows of one sample; `SampleSkip` when it cannot be analysed or (unless ``all_samples``)
-    the model's greedy answer is wrong (kind ``"wrong answer"``). `blocks` are parsed (`parse_block`)."""
-    from mm_lens.regions import prepare
+    the model's greedy answer is wrong (kind ``"wrong answer"``). `blocks` are parsed (`parse_block`).
+
+    Under the study protocol a sample whose boxes are unusable keeps its rows for the blocks that need no
+    boxes (as in the study); under the checkpoint protocol it is skipped.
+    """
+    from mm_lens.regions import assign_boxes, prepare
 
     try:
         image = load_image(sample)
-        inp = prepare(model, image, sample.question, **_prepare_kwargs(sample, blocks, image))
+        inp = prepare(model, image, sample.question, spans=_spans(sample, blocks), protocol=protocol)
+        if any(_needs_boxes(b) for b in blocks):
+            try:
+                check_sample(sample, need_boxes=True)
+                assign_boxes(model, inp, image, list(boxes_for(sample, *image.size)))
+            except SampleSkip:
+                blocks = [b for b in blocks if not _needs_boxes(b)]
+                if not blocks or not inp.protocol.keep_sample_without_boxes:
+                    raise
     except SampleSkip as skip:
         skip.question_id = skip.question_id or str(sample.question_id)
         raise
     greedy = greedy_answer(model, inp)
-    if not all_samples and greedy.text != normalize_answer(str(sample.answer)):
+    if not all_samples and greedy.text != inp.protocol.answer.gold(str(sample.answer)):
         reason = f"model answered {greedy.text!r}, gold {sample.answer!r}"
         raise SampleSkip(reason, WRONG_ANSWER, str(sample.question_id))
     return sweep(model, inp, blocks, window, engine, question_id=sample.question_id, greedy=greedy)
@@ -260,25 +288,28 @@ def sweep_samples(
     samples: Iterable[Sample],
     load_image: Callable[[Sample], Image],
     blocks: Sequence[str],
-    window: int = 9,
+    window: int | None = None,
     all_samples: bool = False,
     engine: str = "fast",
     progress: bool = True,
+    protocol: str | Protocol | None = "auto",
 ) -> FlowResult:
     """Sweep every sample; wrongly answered ones are skipped and counted unless ``all_samples=True``.
 
     `load_image` may raise `SampleSkip` (missing image, bad box): that sample is skipped with its reason.
     (`mm_lens.runs` runs the same per-sample step resumably, writing each sample as it finishes.)
     """
-    parsed = [parse_block(b, extra_names=("True Option", "False Option")) for b in blocks]
+    parsed = [parse_block(b, extra_names=SPAN_NAMES) for b in blocks]
     get_engine(engine)
+    protocol = resolve_protocol(protocol, model)
+    window = protocol.window(model.n_layers) if window is None else window
     layer_window(0, window, model.n_layers)  # a bad window fails before any sample is run
     samples = list(samples)
     tables, skips, n_wrong = [], [], 0
     bar = tqdm(samples, desc="flow", unit="sample", disable=not progress)
     for sample in bar:
         try:
-            tables.append(flow_sample(model, sample, load_image, parsed, window, all_samples, engine))
+            tables.append(flow_sample(model, sample, load_image, parsed, window, all_samples, engine, protocol))
         except SampleSkip as skip:
             skips.append(skip.record(str(sample.question_id)))
             if skip.kind == WRONG_ANSWER:

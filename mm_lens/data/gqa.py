@@ -73,6 +73,7 @@ class Sample:
     boxes: tuple[Box, ...]
     task: str
     box_problem: str | None = None
+    central_object: str | None = None  # the object the question is about (column "central object name")
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -213,6 +214,7 @@ def _sample(row: dict[str, str], task: str, prefixes: tuple[str, ...]) -> Sample
         boxes=tuple(boxes) if problem is None else (),
         task=task,
         box_problem=problem,
+        central_object=_cell(row, "central object name") or None,
     )
 
 

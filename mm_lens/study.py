@@ -1,0 +1,72 @@
+"""`mm-lens study`: the whole study on one model in one command.
+
+For each of the six GQA task sets shipped with mm-lens: the layer sweep of the six standard blocks and the
+answer logit lens, under the study protocol (its prompt, pixels, regions, window, readout, answer rule and
+vocabulary), each a resumable run in ``OUT/<Task>/``; then one report over all of them. Re-running the
+same command resumes; ``--shard i/n`` splits every task's samples like ``mm-lens flow --shard``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from mm_lens.errors import MMLensError
+from mm_lens.knockout import STANDARD_BLOCKS
+
+
+def run_study(
+    out: str | Path,
+    model: Any,
+    images: str | Path,
+    tasks: Sequence[str] | None = None,
+    protocol: str = "study",
+    window: int | None = None,
+    limit: int | None = None,
+    device: str | None = None,
+    dtype: Any = None,
+    device_map: Any = None,
+    shard: str | None = None,
+    engine: str | None = None,
+    all_samples: bool = False,
+    retry_skips: bool = False,
+    blocks: Sequence[str] = STANDARD_BLOCKS,
+    progress: bool = True,
+) -> Path | None:
+    """Flow and lens of every task set into ``out/<Task>/``; returns the report's path (None for a shard
+    that did not complete its set: the last shard to finish writes it)."""
+    from mm_lens.data.gqa import TASKS
+    from mm_lens.model import HookedLlava, load
+    from mm_lens.report import build_report
+    from mm_lens.runs import flow_run, lens_run, resolve_run_protocol
+
+    tasks = list(tasks or TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise MMLensError(f"unknown task set(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    out = Path(out).expanduser()
+    resolved = resolve_run_protocol(model, protocol, dtype, device, window=window, command="flow")
+    print(f"mm-lens study: {resolved.line()}", file=sys.stderr)
+    hooked = model if isinstance(model, HookedLlava) else None
+    common = dict(images=images, limit=limit, device=device, device_map=device_map, shard=shard,
+                  retry_skips=retry_skips, progress=progress, protocol=protocol)
+    complete = True
+    for task in tasks:
+        print(f"[{task}]", file=sys.stderr)
+        if hooked is None:  # load once, for all twelve runs
+            hooked = load(model, device=device, dtype=resolved.dtype, device_map=device_map)
+        flow = flow_run(out / task, hooked, task, blocks=list(blocks), window=resolved.window,
+                        all_samples=all_samples, **({"engine": engine} if engine else {}), **common)
+        lens = lens_run(out / task, hooked, task, all_samples=all_samples, **common)
+        for summary in (flow, lens):
+            print(summary.text(), file=sys.stderr)
+            complete &= summary.shard is None or summary.merged is not None
+    if not complete:
+        return None
+    report = build_report(out, title=f"mm-lens study: {Path(str(getattr(model, 'name', model))).name}")
+    print(f"report: {report}", file=sys.stderr)
+    return report
+
+
+__all__ = ["run_study"]
