@@ -294,6 +294,8 @@ class StudyProtocol(Protocol):
     def encode(self, model, image, question, text, spans):
         conversation = self.conversation or self.for_model(model).conversation
         prompt = conversation.prompt(text)
+        if model.model_type == "llava_next":
+            _check_next_layout(model, image.size)
         pixels = study_image_processor(model)(images=image, return_tensors="pt")
         image_sizes = pixels.get("image_sizes")
         n_features = _n_image_features(model, image_sizes)
@@ -514,6 +516,58 @@ def _image_token_id(config: Any) -> int | None:
     if token is None:
         token = getattr(config, "image_token_index", None)
     return None if token is None else int(token)
+
+
+def _next_grid(size: tuple[int, int], pinpoints: Sequence[Sequence[int]], tile: int, study: bool) -> tuple[int, int]:
+    """The any-res crop grid (rows, cols) for an image of PIL ``size`` = (width, height).
+
+    The study's LLaVA-NeXT code reads each pinpoint as (width, height); transformers reads it as (height,
+    width). Both keep the first best fit, so they disagree only on ties (square images up to one tile).
+    """
+    from transformers.image_processing_utils import select_best_resolution
+
+    width, height = size
+    if study:
+        best_h, best_w = select_best_resolution((height, width), [(b, a) for a, b in pinpoints])
+    else:
+        best_h, best_w = select_best_resolution((height, width), [tuple(p) for p in pinpoints])
+    return best_h // tile, best_w // tile
+
+
+def _unpadded(size: tuple[int, int], rows: int, cols: int, side: int, study: bool) -> tuple[int, int]:
+    """Feature rows x cols kept by ``unpad_image``: the study truncates, transformers rounds to 7 decimals first."""
+    width, height = size
+    cur_h, cur_w = rows * side, cols * side
+    cut = int if study else (lambda x: int(round(x, 7)))
+    if width / height > cur_w / cur_h:
+        new_h = cut(height * (cur_w / width))
+        return cur_h - 2 * ((cur_h - new_h) // 2), cur_w
+    new_w = cut(width * (cur_h / height))
+    return cur_h, cur_w - 2 * ((cur_w - new_w) // 2)
+
+
+def _check_next_layout(model: HookedLlava, size: tuple[int, int]) -> None:
+    """A `SampleSkip` when transformers would lay this image out differently from the study's code.
+
+    The HF model packs the image features itself (from ``image_sizes`` and its config), so mm-lens can feed it
+    the study's layout only where both agree: every shipped GQA image but one (a 256x256 square: grid tie).
+    """
+    from mm_lens.data.gqa import SampleSkip
+
+    vision = model.config.vision_config
+    tile, side = int(vision.image_size), int(vision.image_size) // int(vision.patch_size)
+    pinpoints = _plain(model.config.image_grid_pinpoints)
+    study = _next_grid(size, pinpoints, tile, study=True)
+    hf = _next_grid(size, pinpoints, tile, study=False)
+    if study == hf and _unpadded(size, *study, side, True) == _unpadded(size, *hf, side, False):
+        return
+    width, height = size
+    raise SampleSkip(
+        f"the study's LLaVA-NeXT code and transformers lay out a {width}x{height} image differently "
+        f"(grid {study[0]}x{study[1]} vs {hf[0]}x{hf[1]} tiles, or unpad rounding); the HF model cannot be fed "
+        "the study's layout for it (use --protocol checkpoint to analyse it the transformers way)",
+        "study layout not reproducible",
+    )
 
 
 def _n_image_features(model: HookedLlava, image_sizes: Any) -> int:
