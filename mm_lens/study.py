@@ -35,7 +35,7 @@ def run_study(
     progress: bool = True,
 ) -> Path | None:
     """Flow and lens of every task set into ``out/<Task>/``; returns the report's path (None for a shard
-    that did not complete its set: the last shard to finish writes it)."""
+    finishing while other shards still run: the one that finds every task merged writes it)."""
     from mm_lens.data.gqa import TASKS
     from mm_lens.model import HookedLlava, load
     from mm_lens.report import build_report
@@ -51,7 +51,6 @@ def run_study(
     hooked = model if isinstance(model, HookedLlava) else None
     common = dict(images=images, limit=limit, device=device, device_map=device_map, shard=shard,
                   retry_skips=retry_skips, progress=progress, protocol=protocol)
-    complete = True
     for task in tasks:
         print(f"[{task}]", file=sys.stderr)
         if hooked is None:  # load once, for all twelve runs
@@ -61,8 +60,8 @@ def run_study(
         lens = lens_run(out / task, hooked, task, all_samples=all_samples, **common)
         for summary in (flow, lens):
             print(summary.text(), file=sys.stderr)
-            complete &= summary.shard is None or summary.merged is not None
-    if not complete:
+    # A shard writes the report once every task's tables are merged, whichever shard merged them.
+    if not all((out / task / f"{command}.csv").exists() for task in tasks for command in ("flow", "lens")):
         return None
     report = build_report(out, title=f"mm-lens study: {Path(str(getattr(model, 'name', model))).name}")
     print(f"report: {report}", file=sys.stderr)
