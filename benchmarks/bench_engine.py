@@ -82,11 +82,12 @@ def worker(ckpt: str, engine: str, threads: int) -> None:
 
     from mm_lens.data.gqa import Box
     from mm_lens.demo import window_for
-    from mm_lens.engine import clean_pass
+    from mm_lens.engines import clean_pass
     from mm_lens.model import load
     from mm_lens.regions import prepare
-    from mm_lens.sweep import get_engine, layer_window
-    from mm_lens.knockout import parse_block
+    from mm_lens.engines import get_engine
+    from mm_lens.sweep import layer_window
+    from mm_lens.knockout import parse_edge
 
     torch.set_num_threads(threads)
     model = load(ckpt)
@@ -106,11 +107,11 @@ def worker(ckpt: str, engine: str, threads: int) -> None:
         result["clean_seconds"] = time.perf_counter() - t0
         for block in BLOCKS:
             t0 = time.perf_counter()
-            probs = run(model, inp, [parse_block(block)], windows, token, clean=clean)
+            probs = run(model, inp, [parse_edge(block)], windows, token, clean=clean)
             result["blocks"][block] = {"seconds": time.perf_counter() - t0, "probs": probs[0].tolist()}
         for name, blocks in GROUPS.items():  # a group's blocks swept in one call, as a sweep does
             t0 = time.perf_counter()
-            run(model, inp, [parse_block(b) for b in blocks], windows, token, clean=clean)
+            run(model, inp, [parse_edge(b) for b in blocks], windows, token, clean=clean)
             result.setdefault("groups", {})[name] = time.perf_counter() - t0
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["rss_after_load_mb"] = base_rss / 1024

@@ -24,9 +24,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mm_lens.data.gqa import Sample, SampleSkip, Skip
+from mm_lens.types import Sample, SampleSkip, Skip
+from mm_lens import hook_points
 from mm_lens.errors import MMLensError
-from mm_lens.lens import forward_args
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -43,7 +43,7 @@ DEFAULT_SOURCES = ("Image", "Question")
 
 def pattern_hook_name(layer: int) -> str:
     """Name of the post-softmax attention pattern hook of one language-model layer."""
-    return f"blocks.{layer}.attn.hook_pattern"
+    return hook_points.attn_pattern(layer)
 
 
 def _layers(model: HookedLlava, layers: Iterable[int] | None) -> list[int]:
@@ -70,7 +70,7 @@ def _run_patterns(
 
         return hook
 
-    input_ids, kwargs = forward_args(inp)
+    input_ids, kwargs = inp.forward_args()
     with torch.inference_mode():
         model.bridge.run_with_hooks(
             input_ids, fwd_hooks=[(pattern_hook_name(layer), make(layer)) for layer in layers], **kwargs

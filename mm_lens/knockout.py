@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mm_lens import hook_points
 from mm_lens.errors import MMLensError
 from mm_lens.regions import ALIASES, REGION_NAMES
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from mm_lens.regions import RegionMap
 
 HookFn = Callable[..., Tensor]
-Edge = tuple[Sequence[int], Sequence[int]]
+EdgePositions = tuple[Sequence[int], Sequence[int]]  # (targets, sources), absolute
 
 #: The blocks of the study, in the order its figures use.
 STUDY_BLOCKS = ("Image->Question", "Image->Last", "Question->Last", "Last->Last")
@@ -46,12 +47,12 @@ STANDARD_BLOCKS = (
 
 def hook_name(layer: int) -> str:
     """Name of the pre-softmax attention-score hook of one layer."""
-    return f"blocks.{layer}.attn.hook_attn_scores"
+    return hook_points.attn_scores(layer)
 
 
 @dataclass(frozen=True)
-class Block:
-    """A named knockout edge: the `target` region may no longer attend to the `source` region."""
+class Edge:
+    """A named knockout edge (the study's "block"): the `target` region may no longer attend to the `source` region."""
 
     source: str
     target: str
@@ -60,8 +61,8 @@ class Block:
         return f"{self.source}->{self.target}"
 
 
-def parse_block(text: str, extra_names: Iterable[str] = ()) -> Block:
-    """Parse ``"Source->Target"`` into a `Block`; names must be region names (or `extra_names`, e.g. spans).
+def parse_edge(text: str, extra_names: Iterable[str] = ()) -> Edge:
+    """Parse ``"Source->Target"`` into an `Edge`; names must be region names (or `extra_names`, e.g. spans).
 
     Names match case-insensitively and come back spelled as in `REGION_NAMES` / the study aliases.
     """
@@ -78,7 +79,7 @@ def parse_block(text: str, extra_names: Iterable[str] = ()) -> Block:
             raise MMLensError(f"knockout block {text!r} has no {role} region; write 'Source->Target' with {hint}")
         if name.lower() not in by_lower:
             raise MMLensError(f"knockout block {text!r}: unknown {role} region {name!r}; {hint}")
-    return Block(source=by_lower[source.lower()], target=by_lower[target.lower()])
+    return Edge(source=by_lower[source.lower()], target=by_lower[target.lower()])
 
 
 def _as_positions(positions: Sequence[int], what: str) -> list[int]:
@@ -88,7 +89,7 @@ def _as_positions(positions: Sequence[int], what: str) -> list[int]:
     return out
 
 
-def check_rows(edges: Sequence[Edge], names: Sequence[str] | None = None) -> None:
+def check_rows(edges: Sequence[EdgePositions], names: Sequence[str] | None = None) -> None:
     """Raise `MMLensError` if the edges together would block every source (0..p) of some target p."""
     blocked: dict[int, set[int]] = {}
     culprit: dict[int, list[str]] = {}
@@ -108,10 +109,20 @@ def check_rows(edges: Sequence[Edge], names: Sequence[str] | None = None) -> Non
             )
 
 
-class _KnockoutHook:
-    """Hook fn setting the scores of blocked (target, source) pairs to -inf; edges use absolute positions."""
+class KnockoutHook:
+    """The knockout hook fn: scores of blocked (target, source) pairs become -inf; positions are absolute.
 
-    def __init__(self, edges: Sequence[Edge], names: Sequence[str] | None = None):
+    ``rows`` selects the batch rows it applies to (None: all; the fast engine batches one window per row) and
+    ``heads`` the attention heads (None: all). The blocked set is built once per score shape and device.
+    """
+
+    def __init__(
+        self,
+        edges: Sequence[EdgePositions],
+        names: Sequence[str] | None = None,
+        rows: Sequence[bool] | Tensor | None = None,
+        heads: Sequence[int] | None = None,
+    ):
         self.edges = [
             (
                 torch.tensor(_as_positions(t, "target"), dtype=torch.long),
@@ -121,29 +132,62 @@ class _KnockoutHook:
         ]
         self.names = list(names) if names else [f"edge {i}" for i in range(len(edges))]
         check_rows([(t.tolist(), s.tolist()) for t, s in self.edges], self.names)
+        self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.bool)
+        self.heads = None if heads is None else _as_heads(heads)
+        self._masks: dict[tuple, tuple[Tensor, Tensor] | None] = {}
+
+    def with_rows(self, rows: Sequence[bool] | Tensor) -> KnockoutHook:
+        """The same knockout applied to the batch rows `rows` only (edges already checked)."""
+        copy = object.__new__(KnockoutHook)
+        copy.edges, copy.names, copy.heads = self.edges, self.names, self.heads
+        copy.rows = torch.as_tensor(rows, dtype=torch.bool)
+        copy._masks = {}
+        return copy
+
+    def _mask(self, scores: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(blocked ``[batch|1, head|1, q, k]``, query rows touched) for this score shape; None if nothing."""
+        batch, n_heads, q_len, k_len = scores.shape
+        key = (batch, n_heads, q_len, k_len, scores.device)
+        if key not in self._masks:
+            offset = k_len - q_len  # cached positions before the first live query
+            blocked = torch.zeros(q_len, k_len, dtype=torch.bool)
+            for targets, sources in self.edges:
+                rows = targets - offset
+                rows = rows[(rows >= 0) & (rows < q_len)]
+                cols = sources[sources < k_len]
+                if rows.numel() and cols.numel():
+                    blocked[rows[:, None], cols[None, :]] = True
+            touched = blocked.any(-1).nonzero().flatten()
+            if not touched.numel():
+                self._masks[key] = None
+                return None
+            mask = blocked[None, None]
+            if self.heads is not None:
+                if self.heads[-1] >= n_heads:
+                    raise MMLensError(
+                        f"knockout head {self.heads[-1]} is out of range: the model has heads 0..{n_heads - 1}"
+                    )
+                head_sel = torch.zeros(n_heads, dtype=torch.bool)
+                head_sel[self.heads] = True
+                mask = mask & head_sel[None, :, None, None]
+            if self.rows is not None:
+                if len(self.rows) != batch:
+                    raise MMLensError(f"knockout rows select {len(self.rows)} batch rows but the batch has {batch}")
+                mask = mask & self.rows[:, None, None, None]
+            self._masks[key] = (mask.to(scores.device), touched.to(scores.device))
+        return self._masks[key]
 
     def __call__(self, scores: Float[Tensor, "batch head q_pos k_pos"], hook=None) -> Tensor:
-        q_len, k_len = scores.shape[-2], scores.shape[-1]
-        offset = k_len - q_len  # cached positions before the first live query
-        todo = []
-        for targets, sources in self.edges:
-            rows = targets - offset
-            rows = rows[(rows >= 0) & (rows < q_len)]
-            cols = sources[sources < k_len]
-            if rows.numel() and cols.numel():
-                todo.append((rows.to(scores.device), cols.to(scores.device)))
-        if not todo:
+        found = self._mask(scores)
+        if found is None:
             return scores
-        if scores.requires_grad and torch.is_grad_enabled():
-            scores = scores.clone()
-        all_rows = torch.unique(torch.cat([r for r, _ in todo]))
+        mask, touched = found
         floor = torch.finfo(scores.dtype).min  # the bridge's causal/padding mask value
-        alive_before = (scores[..., all_rows, :] > floor).any(-1)
-        for rows, cols in todo:
-            scores[..., rows[:, None], cols[None, :]] = -torch.inf
-        emptied = alive_before & ~(scores[..., all_rows, :] > floor).any(-1)
+        alive_before = (scores[..., touched, :] > floor).any(-1)
+        scores = scores.masked_fill(mask, -torch.inf)
+        emptied = alive_before & ~(scores[..., touched, :] > floor).any(-1)
         if bool(emptied.any()):
-            row = int(all_rows[emptied.nonzero()[0, -1]]) + offset
+            row = int(touched[emptied.nonzero()[0, -1]]) + scores.shape[-1] - scores.shape[-2]
             where = f" at {hook.name}" if getattr(hook, "name", None) else ""
             raise MMLensError(
                 f"knockout {' + '.join(self.names)}{where} left target position {row} with no visible source "
@@ -152,33 +196,50 @@ class _KnockoutHook:
         return scores
 
 
-def knockout_hook(targets: Sequence[int], sources: Sequence[int], name: str | None = None) -> HookFn:
+def _as_heads(heads: Sequence[int]) -> list[int]:
+    out = sorted({int(h) for h in heads})
+    if not out:
+        raise MMLensError("knockout heads is empty; pass None for all heads or at least one head index")
+    if out[0] < 0:
+        raise MMLensError(f"knockout head {out[0]} is out of range: heads count from 0")
+    return out
+
+
+def knockout_hook(
+    targets: Sequence[int], sources: Sequence[int], name: str | None = None, heads: Sequence[int] | None = None
+) -> HookFn:
     """Hook fn for ``hook_attn_scores`` blocking attention from `targets` to `sources` (absolute positions)."""
-    return _KnockoutHook([(targets, sources)], [name] if name else None)
+    return KnockoutHook([(targets, sources)], [name] if name else None, heads=heads)
 
 
 def knockout_hooks(
-    edges: Sequence[Edge], layers: Iterable[int], names: Sequence[str] | None = None
+    edges: Sequence[EdgePositions],
+    layers: Iterable[int],
+    names: Sequence[str] | None = None,
+    heads: Sequence[int] | None = None,
 ) -> list[tuple[str, HookFn]]:
-    """One ``(hook name, fn)`` per layer applying all `edges`; pass them to ``run_with_hooks``."""
+    """One ``(hook name, fn)`` per layer applying all `edges` (in `heads` only, if given); for ``run_with_hooks``."""
     edges = list(edges)
     if not edges:
         return []
-    fn = _KnockoutHook(edges, names)
+    fn = KnockoutHook(edges, names, heads=heads)
     return [(hook_name(int(layer)), fn) for layer in sorted(set(layers))]
 
 
-def block_positions(regions: RegionMap, block: str | Block) -> Edge:
+def edge_positions(regions: RegionMap, block: str | Edge) -> EdgePositions:
     """``(targets, sources)`` of a named block, resolved through `RegionMap.positions`."""
-    if not isinstance(block, Block):
-        block = parse_block(block, extra_names=list(getattr(regions, "spans", None) or {}))
+    if not isinstance(block, Edge):
+        block = parse_edge(block, extra_names=list(getattr(regions, "spans", None) or {}))
     return regions.positions(block.target), regions.positions(block.source)
 
 
 def block_hooks(
-    regions: RegionMap, block: str | Block | Sequence[str | Block], layers: Iterable[int]
+    regions: RegionMap,
+    block: str | Edge | Sequence[str | Edge],
+    layers: Iterable[int],
+    heads: Sequence[int] | None = None,
 ) -> list[tuple[str, HookFn]]:
-    """Hooks knocking out one named block (or several together) at `layers`."""
-    blocks = [block] if isinstance(block, (str, Block)) else list(block)
-    edges = [block_positions(regions, b) for b in blocks]
-    return knockout_hooks(edges, layers, names=[str(b) for b in blocks])
+    """Hooks knocking out one named edge (the study's "block"; or several together) at `layers` (`heads`: only those)."""
+    blocks = [block] if isinstance(block, (str, Edge)) else list(block)
+    edges = [edge_positions(regions, b) for b in blocks]
+    return knockout_hooks(edges, layers, names=[str(b) for b in blocks], heads=heads)

@@ -25,7 +25,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mm_lens.data.gqa import Sample, SampleSkip, Skip
+from mm_lens.types import Sample, SampleSkip, Skip
+from mm_lens import hook_points
 from mm_lens.errors import MMLensError
 
 if TYPE_CHECKING:
@@ -36,13 +37,6 @@ if TYPE_CHECKING:
     from mm_lens.regions import MultimodalInput
 
 LENS_COLUMNS = ["question_id", "layer", "form", "prob"]
-
-
-def forward_args(inp: MultimodalInput) -> tuple[Tensor, dict]:
-    """``(input_ids, kwargs)`` for ``bridge(...)`` / ``run_with_hooks`` / ``run_with_cache``."""
-    kwargs = dict(inp.model_kwargs())
-    input_ids = kwargs.pop("input_ids", inp.input_ids)
-    return input_ids, kwargs
 
 
 def answer_forms(answer: str, false_option: str | None = None) -> dict[str, str]:
@@ -68,8 +62,8 @@ def first_token_id(tokenizer, text: str) -> int:
 def lens_hook_names(n_layers: int, readout: LensReadout) -> list[str]:
     """The residual-stream hooks a readout reads, bottom to top (the last one is the model's final stream)."""
     if readout.from_embeddings:
-        return [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
-    return [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+        return [hook_points.resid_pre(layer) for layer in range(n_layers)] + [hook_points.resid_post(n_layers - 1)]
+    return [hook_points.resid_post(layer) for layer in range(n_layers)]
 
 
 def layer_probs(
@@ -85,7 +79,7 @@ def layer_probs(
     bridge = model.bridge
     names = lens_hook_names(model.n_layers, lens)
     wanted = set(names)
-    input_ids, kwargs = forward_args(inp)
+    input_ids, kwargs = inp.forward_args()
     with torch.inference_mode():
         _, cache = bridge.run_with_cache(input_ids, names_filter=lambda n: n in wanted, **kwargs)
         resid = torch.stack([cache[name][:, -1] for name in names], dim=1)  # [batch, point, d_model]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float
 
-from mm_lens.data.gqa import Box, SampleSkip
+from mm_lens.types import Box, SampleSkip
 from mm_lens.errors import MMLensError
 
 MAX_SIDE = 65535  # coordinates are spelled in two 8-bit channels

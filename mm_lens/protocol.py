@@ -308,7 +308,7 @@ class StudyProtocol(Protocol):
         def find(substring: str, what: str) -> list[int]:
             found = find_token_range(model.tokenizer, conversation, tail, substring)
             if found is None:
-                from mm_lens.data.gqa import SampleSkip
+                from mm_lens.types import SampleSkip
 
                 raise SampleSkip(f"{what} {substring!r} not found in the text after the image", f"{what} not in prompt")
             return [first_tail + i for i in range(*found)]
@@ -552,7 +552,7 @@ def _check_next_layout(model: HookedLlava, size: tuple[int, int]) -> None:
     The HF model packs the image features itself (from ``image_sizes`` and its config), so mm-lens can feed it
     the study's layout only where both agree: every shipped GQA image but one (a 256x256 square: grid tie).
     """
-    from mm_lens.data.gqa import SampleSkip
+    from mm_lens.types import SampleSkip
 
     vision = model.config.vision_config
     tile, side = int(vision.image_size), int(vision.image_size) // int(vision.patch_size)

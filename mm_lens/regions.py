@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mm_lens.data.gqa import SampleSkip
+from mm_lens.types import SampleSkip
 from mm_lens.errors import MMLensError
 
 if TYPE_CHECKING:
@@ -167,6 +167,10 @@ class MultimodalInput:
         if self.image_sizes is not None:
             kwargs["image_sizes"] = self.image_sizes
         return kwargs
+
+    def forward_args(self) -> tuple[Int[Tensor, "1 pos"], dict[str, Tensor]]:
+        """``(input_ids, kwargs)`` for ``bridge(input_ids, **kw)`` / ``run_with_hooks`` / ``run_with_cache``."""
+        return self.input_ids, self.model_kwargs()
 
 
 def build_prompt(model: HookedLlava, text: str) -> str:

@@ -36,7 +36,7 @@ from typing import Any
 
 import pandas as pd
 
-from mm_lens.data.gqa import Sample, SampleSkip, Skip, summarise_skips
+from mm_lens.types import Sample, SampleSkip, Skip, summarise_skips
 from mm_lens.errors import MMLensError
 
 COMMANDS = ("flow", "lens")
@@ -703,11 +703,11 @@ def flow_run(
     ``protocol`` (default auto) decides the inputs and the defaults: window None = the protocol's, dtype
     None = the protocol's on the device (the study: float16 on CUDA).
     """
-    from mm_lens.knockout import STUDY_BLOCKS, parse_block
+    from mm_lens.knockout import STUDY_BLOCKS, parse_edge
     from mm_lens.regions import SPAN_NAMES
     from mm_lens.sweep import flow_sample, get_engine, layer_window
 
-    parsed = [parse_block(b, extra_names=SPAN_NAMES) for b in (blocks or STUDY_BLOCKS)]
+    parsed = [parse_edge(b, extra_names=SPAN_NAMES) for b in (blocks or STUDY_BLOCKS)]
     get_engine(engine)
     if window is not None and (not isinstance(window, int) or window < 1):
         raise MMLensError(f"window {window!r} must be a positive number of layers")

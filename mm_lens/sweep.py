@@ -19,11 +19,10 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mm_lens.data.gqa import Sample, SampleSkip, Skip, boxes_for, check_sample
-from mm_lens.engine import CleanPass, clean_pass, fast_engine
+from mm_lens.types import Sample, SampleSkip, Skip, boxes_for, check_sample
+from mm_lens.engines import ENGINES, CleanPass, Engine, clean_pass, get_engine
 from mm_lens.errors import MMLensError
-from mm_lens.knockout import Block, block_hooks, parse_block
-from mm_lens.lens import forward_args
+from mm_lens.knockout import Edge, parse_edge
 from mm_lens.protocol import CHECKPOINT_ANSWER, AnswerRule, Protocol, resolve_protocol, vocab_softmax
 from mm_lens.regions import ALIASES, CENTRAL_OBJECT, FALSE_OPTION, SPAN_NAMES, TRUE_OPTION
 from mm_lens.regions import PATCH_REGIONS as _PATCHES
@@ -79,7 +78,7 @@ def greedy_answer(
     rule = rule or (inp.protocol.answer if inp.protocol is not None else CHECKPOINT_ANSWER)
     limit = rule.max_new_tokens if max_new_tokens is None else max_new_tokens
     n_vocab = inp.vocab_size(model)
-    input_ids, kwargs = forward_args(inp)
+    input_ids, kwargs = inp.forward_args()
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.hf_model.generation_config, "eos_token_id", None)))
     eos.discard(None)
     generated: list[int] = []
@@ -116,58 +115,15 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple, set)) else [value]
 
 
-# ---------------------------------------------------------------- engines
-
-#: An engine returns knockout probabilities of `token`, shape ``[block, layer]`` (one window per layer);
-#: it may take ``clean=`` (a `CleanPass` of the prompt) to reuse work already done.
-Engine = Callable[..., Float[Tensor, "block layer"]]
-
-
-def reference_engine(
-    model: HookedLlava,
-    inp: MultimodalInput,
-    blocks: Sequence[Block],
-    windows: Sequence[range],
-    token: int,
-    progress: bool = False,
-    clean: CleanPass | None = None,
-) -> Float[Tensor, "block layer"]:
-    """One full forward with the knockout hooks per (block, window): slow and plain, the ground truth.
-
-    `clean` is accepted for the engine signature and not used: every pass starts from the pixels.
-    """
-    input_ids, kwargs = forward_args(inp)
-    n_vocab = inp.vocab_size(model)
-    out = torch.empty(len(blocks), len(windows))
-    jobs = [(b, w) for b in range(len(blocks)) for w in range(len(windows))]
-    with torch.inference_mode():
-        for b, w in tqdm(jobs, desc="knockout", unit="fwd", leave=False, disable=not progress):
-            hooks = block_hooks(inp.regions, blocks[b], windows[w])
-            logits = model.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, **kwargs)
-            out[b, w] = vocab_softmax(logits[0, -1], n_vocab)[token]
-    return out
-
-
-#: Engines by name, all with the `reference_engine` signature; "fast" (mm_lens.engine) is the default.
-ENGINES: dict[str, Engine] = {"reference": reference_engine, "fast": fast_engine}
-
-
-def get_engine(name: str) -> Engine:
-    """The engine called `name`, with an error listing the available ones."""
-    if name not in ENGINES:
-        raise MMLensError(f"unknown sweep engine {name!r}; available: {', '.join(sorted(ENGINES))}")
-    return ENGINES[name]
-
-
 # ---------------------------------------------------------------- sweep
 
 
-def sweep(
+def layer_sweep(
     model: HookedLlava,
     inp: MultimodalInput,
-    blocks: Sequence[str | Block],
+    blocks: Sequence[str | Edge],
     window: int | None = None,
-    engine: str = "fast",
+    engine: str | Engine = "fast",
     question_id: str = "",
     greedy: Greedy | None = None,
     progress: bool = False,
@@ -177,7 +133,7 @@ def sweep(
     The tracked token is the greedy first answer token (pass `greedy` to reuse a decoding already done).
     ``window`` defaults to the input's protocol's (the study: 7 per 32 layers; the checkpoint protocol: 9).
     """
-    parsed = [b if isinstance(b, Block) else parse_block(b, extra_names=list(inp.regions.spans or {})) for b in blocks]
+    parsed = [b if isinstance(b, Edge) else parse_edge(b, extra_names=list(inp.regions.spans or {})) for b in blocks]
     if not parsed:
         raise MMLensError("sweep needs at least one block, e.g. 'Image->Question'")
     n_layers = model.n_layers
@@ -185,15 +141,20 @@ def sweep(
         window = (inp.protocol or resolve_protocol("checkpoint", model)).window(n_layers)
     windows = [layer_window(layer, window, n_layers) for layer in range(n_layers)]
     run = get_engine(engine)
-    if greedy is None:
-        with torch.inference_mode():
-            input_ids, kwargs = forward_args(inp)
-            probs = vocab_softmax(model.bridge(input_ids, **kwargs)[0, -1], inp.vocab_size(model))
+    clean = greedy.clean if greedy is not None else None
+    if greedy is None:  # one clean pass: it gives the tracked token, and an engine that reuses it gets it
+        if getattr(run, "reuses_clean", False):
+            clean = clean_pass(model, inp)
+            last = clean.last_logits
+        else:  # the reference engine's own computation, so a causally invisible edge changes nothing, bit for bit
+            with torch.inference_mode():
+                input_ids, kwargs = inp.forward_args()
+                last = model.bridge(input_ids, **kwargs)[0, -1]
+        probs = vocab_softmax(last, inp.vocab_size(model))
         token, base = int(probs.argmax()), float(probs.max())
     else:
         token, base = greedy.first_token, greedy.first_prob
-    clean = {"clean": greedy.clean} if greedy is not None and greedy.clean is not None else {}
-    ko = run(model, inp, parsed, windows, token, progress=progress, **clean)
+    ko = run(model, inp, parsed, windows, token, progress=progress, clean=clean)
     rows = []
     for b, block in enumerate(parsed):
         for layer in range(n_layers):
@@ -225,7 +186,7 @@ class FlowResult:
         return self.n_samples - len(self.skips)
 
 
-def _spans(sample, blocks: Sequence[Block]) -> dict[str, str]:
+def _spans(sample, blocks: Sequence[Edge]) -> dict[str, str]:
     """Text spans a block set names (options, the central object), from the sample's columns."""
     names = {n for b in blocks for n in (b.source, b.target)}
     if "Question without Options" in names:
@@ -240,7 +201,7 @@ def _spans(sample, blocks: Sequence[Block]) -> dict[str, str]:
     return spans
 
 
-def _needs_boxes(block: Block) -> bool:
+def _needs_boxes(block: Edge) -> bool:
     return block.source in PATCH_REGIONS or block.target in PATCH_REGIONS
 
 
@@ -248,14 +209,14 @@ def flow_sample(
     model: HookedLlava,
     sample: Sample,
     load_image: Callable[[Sample], Image],
-    blocks: Sequence[Block],
+    blocks: Sequence[Edge],
     window: int | None = None,
     all_samples: bool = False,
     engine: str = "fast",
     protocol: str | Protocol | None = "auto",
 ) -> pd.DataFrame:
     """The sweep rows of one sample; `SampleSkip` when it cannot be analysed or (unless ``all_samples``)
-    the model's greedy answer is wrong (kind ``"wrong answer"``). `blocks` are parsed (`parse_block`).
+    the model's greedy answer is wrong (kind ``"wrong answer"``). `blocks` are parsed (`parse_edge`).
 
     Under the study protocol a sample whose boxes are unusable keeps its rows for the blocks that need no
     boxes (as in the study); under the checkpoint protocol it is skipped.
@@ -280,10 +241,10 @@ def flow_sample(
     if not all_samples and greedy.text != inp.protocol.answer.gold(str(sample.answer)):
         reason = f"model answered {greedy.text!r}, gold {sample.answer!r}"
         raise SampleSkip(reason, WRONG_ANSWER, str(sample.question_id))
-    return sweep(model, inp, blocks, window, engine, question_id=sample.question_id, greedy=greedy)
+    return layer_sweep(model, inp, blocks, window, engine, question_id=sample.question_id, greedy=greedy)
 
 
-def sweep_samples(
+def flow_samples(
     model: HookedLlava,
     samples: Iterable[Sample],
     load_image: Callable[[Sample], Image],
@@ -299,7 +260,7 @@ def sweep_samples(
     `load_image` may raise `SampleSkip` (missing image, bad box): that sample is skipped with its reason.
     (`mm_lens.runs` runs the same per-sample step resumably, writing each sample as it finishes.)
     """
-    parsed = [parse_block(b, extra_names=SPAN_NAMES) for b in blocks]
+    parsed = [parse_edge(b, extra_names=SPAN_NAMES) for b in blocks]
     get_engine(engine)
     protocol = resolve_protocol(protocol, model)
     window = protocol.window(model.n_layers) if window is None else window
@@ -330,6 +291,6 @@ __all__ = [
     "layer_window",
     "normalize_answer",
     "reference_engine",
-    "sweep",
-    "sweep_samples",
+    "layer_sweep",
+    "flow_samples",
 ]

@@ -16,7 +16,6 @@ from mm_lens.attention import (
 )
 from mm_lens.data.gqa import Sample, SampleSkip
 from mm_lens.errors import MMLensError
-from mm_lens.lens import forward_args
 from mm_lens.regions import prepare
 
 QUESTION = "What color is the ball?"
@@ -24,7 +23,7 @@ QUESTION = "What color is the ball?"
 
 def cached_patterns(model, inp):
     names = [pattern_hook_name(layer) for layer in range(model.n_layers)]
-    input_ids, kwargs = forward_args(inp)
+    input_ids, kwargs = inp.forward_args()
     with torch.inference_mode():
         _, cache = model.bridge.run_with_cache(input_ids, names_filter=lambda n: n in names, **kwargs)
     return [cache[n][0].float().mean(0) for n in names]  # [q_pos, k_pos], head-averaged

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from mm_lens.engine import fast_engine
-from mm_lens.knockout import Block, parse_block
-from mm_lens.lens import forward_args
+from mm_lens.engines import fast_engine, reference_engine
+from mm_lens.knockout import Edge as Block
+from mm_lens.knockout import parse_edge as parse_block
 from mm_lens.regions import prepare
-from mm_lens.sweep import layer_window, reference_engine
+from mm_lens.sweep import layer_window
 
 BLOCKS = ["Image->Question", "Question->Last", "Image->Last", "Last->Last", "True Option->Last"]
 
@@ -37,7 +37,7 @@ def test_fast_engine_equals_reference(model, make_image, k):
     assert fast.shape == ref.shape == (len(blocks), model.n_layers)
     assert torch.allclose(fast, ref, atol=1e-5, rtol=0), (fast - ref).abs().max()
     # The comparison matters only if the knockouts really move the output.
-    ids, kwargs = forward_args(inp)
+    ids, kwargs = inp.forward_args()
     with torch.inference_mode():
         clean = model.bridge(ids, **kwargs)[0, -1].softmax(-1)[token]
     assert (ref[0] - clean).abs().max() > 1e-6
@@ -65,7 +65,8 @@ def test_fast_engine_batches_of_one_and_mid_sequence_targets(tiny_llava, make_im
 
 def test_sweep_shares_the_greedy_answers_clean_pass(model, make_image):
     """The greedy answer's pass is the one the fast engine builds on; results still equal the reference."""
-    from mm_lens.sweep import greedy_answer, sweep
+    from mm_lens.sweep import greedy_answer
+    from mm_lens.sweep import layer_sweep as sweep
 
     inp, blocks = _inputs(model, make_image)
     greedy = greedy_answer(model, inp)

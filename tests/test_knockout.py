@@ -8,12 +8,12 @@ import torch
 from mm_lens.errors import MMLensError
 from mm_lens.knockout import (
     REGION_NAMES,
-    Block,
+    Edge as Block,
     block_hooks,
     hook_name,
     knockout_hook,
     knockout_hooks,
-    parse_block,
+    parse_edge as parse_block,
 )
 
 TEXT = "USER: <image>\nWhat color is the ball ? ASSISTANT:"

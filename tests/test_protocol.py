@@ -26,7 +26,8 @@ from mm_lens.protocol import (
     resolve_protocol,
 )
 from mm_lens.regions import prepare
-from mm_lens.sweep import greedy_answer, sweep
+from mm_lens.sweep import greedy_answer
+from mm_lens.sweep import layer_sweep as sweep
 
 QUESTION = "Is the car red or blue?"
 SPANS = {"True Option": "red", "False Option": "blue", "Central Object": "car"}

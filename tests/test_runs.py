@@ -200,7 +200,7 @@ def test_retry_skips_reruns_skipped_samples(tmp_path):
 SLOW_MAIN = """
 import sys, time
 import mm_lens.sweep
-sweep = sys.modules["mm_lens.sweep"]  # (the package exports a function called sweep)
+sweep = sys.modules["mm_lens.sweep"]
 real = sweep.flow_sample
 def slow(*args, **kwargs):
     out = real(*args, **kwargs)

@@ -110,6 +110,8 @@ def assert_rel(actual, expected, what: str, rel: float = REL) -> None:
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     err = np.abs(actual - expected) / np.abs(expected)
     worst = int(np.argmax(err)) if err.size else 0
+    if err.size:
+        print(f"agreement {what}: max relative difference {err.max():.2e} over {err.size} values")  # pytest -s
     assert err.size == 0 or err.max() <= rel, (
         f"{what}: relative error {err.max():.3g} > {rel:g} (mm-lens {actual.flat[worst]!r}, study {expected.flat[worst]!r})"
     )
@@ -285,7 +287,7 @@ def test_greedy_answer_matches_the_study(pair, computed):
 
 @pytest.mark.parametrize("engine", ["reference", "fast"])
 def test_knockout_sweep_matches_the_study(pair, computed, engine):
-    from mm_lens.sweep import sweep
+    from mm_lens.sweep import layer_sweep as sweep
 
     kind, model, ref_model = pair
     inp, ref, greedy = shared_sample(kind, model, ref_model, computed)

@@ -11,101 +11,29 @@ import csv
 import io
 import math
 import warnings
-from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from mm_lens.errors import MMLensError
+from mm_lens.types import (  # noqa: F401  (re-exported: these records used to live here)
+    Box,
+    Sample,
+    SampleSkip,
+    Skip,
+    boxes_for,
+    check_sample,
+    summarise_skips,
+)
 
 TASKS = ("ChooseAttr", "ChooseCat", "ChooseRel", "CompareAttr", "LogicalObj", "QueryAttr")
 
-REQUIRED_COLUMNS = ("question_id", "img_id", "question", "answer", "image_w", "image_h")
+REQUIRED_COLUMNS = ("question_id", "img_id", "question", "answer")
+# Optional: "image_w"/"image_h" (the size the boxes are given in; read from the image when absent), options,
+# object boxes and names.
 # Box column groups: one object of interest ("central object") or up to two ("object1", "object2").
 BOX_PREFIXES = (("central object",), ("object1", "object2"))
 MISSING = "-"  # marks an absent second object in the GQA files
 MAX_ASPECT_RATIO = 100  # long side / short side above which an image is skipped (see _check_image_size)
-
-
-@dataclass(frozen=True)
-class Box:
-    """An object's box in pixels of the original image; (x, y) is the top-left corner."""
-
-    x: float
-    y: float
-    w: float
-    h: float
-    name: str = ""
-
-    @property
-    def x1(self) -> float:
-        return self.x + self.w
-
-    @property
-    def y1(self) -> float:
-        return self.y + self.h
-
-    def clip(self, width: float, height: float) -> Box | None:
-        """This box cut to the image ``width`` x ``height``; None when nothing of it is inside."""
-        x0, y0 = max(self.x, 0.0), max(self.y, 0.0)
-        x1, y1 = min(self.x1, float(width)), min(self.y1, float(height))
-        if x1 <= x0 or y1 <= y0:
-            return None
-        return Box(x0, y0, x1 - x0, y1 - y0, self.name)
-
-    def scaled(self, sx: float, sy: float) -> Box:
-        return Box(self.x * sx, self.y * sy, self.w * sx, self.h * sy, self.name)
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One question of a task set. ``box_problem`` says why the boxes are unusable (None when fine)."""
-
-    question_id: str
-    img_id: str
-    question: str
-    answer: str
-    true_option: str | None
-    false_option: str | None
-    image_w: int
-    image_h: int
-    boxes: tuple[Box, ...]
-    task: str
-    box_problem: str | None = None
-    central_object: str | None = None  # the object the question is about (column "central object name")
-
-    @property
-    def options(self) -> tuple[str, ...]:
-        """The answer options offered by the question (Choose* sets), else ()."""
-        return tuple(o for o in (self.true_option, self.false_option) if o)
-
-
-class SampleSkip(MMLensError):
-    """This one sample cannot be analysed; the run skips it and records ``reason``.
-
-    ``kind`` is a short category without per-row details ("image not found", "malformed box", ...), so a
-    run can count the reasons in its final summary.
-    """
-
-    def __init__(self, reason: str, kind: str, question_id: str | None = None):
-        super().__init__(f"question {question_id}: {reason}" if question_id else reason)
-        self.question_id = question_id
-        self.reason = reason
-        self.kind = kind
-
-    def record(self, question_id: str | None = None) -> Skip:
-        """The skip as a run records it; ``question_id`` fills in an id the raiser did not know."""
-        return Skip(question_id or self.question_id or "", self.reason, self.kind)
-
-
-@dataclass(frozen=True)
-class Skip:
-    """A skipped sample and why, as a run records it."""
-
-    question_id: str
-    reason: str
-    kind: str
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -158,6 +86,13 @@ def load_task(name_or_path: str | Path) -> list[Sample]:
             + (f" (and {', '.join(map(repr, missing[1:]))})" if missing[1:] else "")
             + f"; required columns are {', '.join(REQUIRED_COLUMNS)}"
         )
+    size_columns = [c for c in ("image_w", "image_h") if c in columns]
+    if len(size_columns) == 1:
+        gap = "image_h" if size_columns == ["image_w"] else "image_w"
+        raise MMLensError(
+            f"dataset {path} is missing required column {gap!r}: image_w and image_h come together (the size the "
+            "boxes are given in); give both, or neither to take the size from each image"
+        )
     prefixes = _box_prefixes(columns, path)
     if not rows:
         raise MMLensError(f"dataset {path} has a header but no rows; pass a CSV with at least one question")
@@ -184,10 +119,12 @@ def _box_prefixes(columns: list[str], path: Path) -> tuple[str, ...]:
 def _sample(row: dict[str, str], task: str, prefixes: tuple[str, ...]) -> Sample:
     qid = _cell(row, "question_id")
     problem = None
-    width, height = _positive_int(_cell(row, "image_w")), _positive_int(_cell(row, "image_h"))
-    if width is None or height is None:
-        problem = f"image size {_cell(row, 'image_w')!r} x {_cell(row, 'image_h')!r} is not two positive integers"
-        width, height = width or 0, height or 0
+    width = height = None
+    if "image_w" in row or "image_h" in row:  # the size the boxes are given in; else the image's own
+        width, height = _positive_int(_cell(row, "image_w")), _positive_int(_cell(row, "image_h"))
+        if width is None or height is None:
+            problem = f"image size {_cell(row, 'image_w')!r} x {_cell(row, 'image_h')!r} is not two positive integers"
+            width, height = width or 0, height or 0
     boxes: list[Box] = []
     for prefix in prefixes:
         if problem:
@@ -195,7 +132,7 @@ def _sample(row: dict[str, str], task: str, prefixes: tuple[str, ...]) -> Sample
         box, problem = _box(row, prefix)
         if box is None:
             continue
-        clipped = box.clip(width, height)
+        clipped = box if width is None else box.clip(width, height)  # unknown size: clipped once the image is open
         if clipped is None:
             problem = f"{prefix} box {_box_text(box)} lies outside the {width}x{height} image"
         else:
@@ -260,17 +197,6 @@ def _box_text(box: Box) -> str:
 # ------------------------------------------------------------------------------------------ per-sample use
 
 
-def check_sample(sample: Sample, need_boxes: bool = True) -> None:
-    """Raise `SampleSkip` when ``need_boxes`` and the row's boxes are malformed or absent."""
-    if not need_boxes:
-        return
-    if sample.box_problem:
-        kind = "no box" if sample.box_problem.startswith("no box") else "malformed box"
-        raise SampleSkip(sample.box_problem, kind, sample.question_id)
-    if not sample.boxes:
-        raise SampleSkip("the row gives no object box", "no box", sample.question_id)
-
-
 def image_path(images_dir: str | Path, sample: Sample) -> Path:
     """``<images_dir>/<img_id>.jpg``, or another common extension when that is what exists."""
     folder = Path(images_dir).expanduser()
@@ -331,25 +257,3 @@ def _check_image_size(path: Path, width: int, height: int, qid: str) -> None:
             "image aspect ratio too extreme",
             qid,
         )
-
-
-def boxes_for(sample: Sample, width: int, height: int) -> tuple[Box, ...]:
-    """The sample's boxes in the pixels of an image of ``width`` x ``height``.
-
-    GQA boxes are in the row's ``image_w`` x ``image_h``; a user's resized copy of the image gets the boxes
-    scaled to match, so related patches stay on the object.
-    """
-    if (width, height) == (sample.image_w, sample.image_h) or not sample.image_w or not sample.image_h:
-        return sample.boxes
-    sx, sy = width / sample.image_w, height / sample.image_h
-    return tuple(b.scaled(sx, sy) for b in sample.boxes)
-
-
-def summarise_skips(skips: Iterable[Skip | SampleSkip]) -> str:
-    """One line per kind of reason with its count, most frequent first."""
-    kinds = Counter(s.kind for s in skips)
-    if not kinds:
-        return "no samples skipped"
-    lines = [f"{sum(kinds.values())} sample(s) skipped:"]
-    lines += [f"  {n:>6}  {kind}" for kind, n in kinds.most_common()]
-    return "\n".join(lines)

@@ -1,4 +1,12 @@
-"""The fast knockout engine: the reference engine's numbers from a fraction of its work.
+"""Knockout engines: how a sweep computes the knockout probabilities of every (edge, window).
+
+An engine is any callable ``engine(model, inp, edges, windows, token, progress=False, clean=None)`` returning
+``[edge, window]`` probabilities of `token` at the last position (`Engine`). Two ship, and must agree:
+
+``reference_engine`` runs one full forward pass with the knockout hooks per (edge, window): slow and plain,
+the ground truth.
+
+``fast_engine`` gives the same numbers from a fraction of the work.
 
 A knockout only changes the attention rows of its target positions, so under causal attention every position
 before the first target computes exactly what it computes in the clean pass. The engine therefore
@@ -15,9 +23,9 @@ Batches are sized so the prefix-cache copies stay within a memory budget (by def
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from jaxtyping import Bool, Float
@@ -26,15 +34,16 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from mm_lens.knockout import Block, block_positions, check_rows, hook_name
-from mm_lens.lens import forward_args
+from mm_lens import hook_points
+from mm_lens.errors import MMLensError
+from mm_lens.knockout import Edge, KnockoutHook, block_hooks, edge_positions, hook_name
 from mm_lens.protocol import vocab_softmax
 
 if TYPE_CHECKING:
     from mm_lens.model import HookedLlava
     from mm_lens.regions import MultimodalInput
 
-EMBED_HOOK = "blocks.0.hook_resid_pre"
+EMBED_HOOK = hook_points.EMBED
 
 
 @dataclass
@@ -49,7 +58,7 @@ class CleanPass:
 
 def clean_pass(model: HookedLlava, inp: MultimodalInput) -> CleanPass:
     """One forward pass without hooks of ours, keeping embeddings and the KV cache (logits of the last position only)."""
-    input_ids, kwargs = forward_args(inp)
+    input_ids, kwargs = inp.forward_args()
     store: dict[str, Tensor] = {}
 
     def grab(resid: Tensor, hook) -> Tensor:
@@ -62,26 +71,6 @@ def clean_pass(model: HookedLlava, inp: MultimodalInput) -> CleanPass:
         )
     kv = [(layer.keys, layer.values) for layer in cache.layers]
     return CleanPass(store["embeds"], kv, logits[0, -1], cache)
-
-
-def batched_mask_hook(mask: Bool[Tensor, "q_pos k_pos"], rows: Bool[Tensor, "batch"]):
-    """Hook on ``hook_attn_scores`` blocking `mask` in the batch rows selected by `rows` (the windows at this layer)."""
-    full = mask[None, None] & rows[:, None, None, None]
-
-    def hook(scores: Float[Tensor, "batch head q_pos k_pos"], hook=None) -> Tensor:
-        return scores.masked_fill(full.to(scores.device), float("-inf"))
-
-    return hook
-
-
-def _suffix_mask(targets: Sequence[int], sources: Sequence[int], start: int, seq_len: int) -> Tensor:
-    """Blocked (query row, key column) pairs for the suffix that starts at absolute position `start`."""
-    mask = torch.zeros(seq_len - start, seq_len, dtype=torch.bool)
-    t = torch.tensor(sorted({int(p) for p in targets}), dtype=torch.long) - start
-    s = torch.tensor(sorted({int(p) for p in sources}), dtype=torch.long)
-    if len(t) and len(s):
-        mask[t[:, None], s[None, :]] = True
-    return mask
 
 
 def _prefix(clean: CleanPass, length: int) -> list[tuple[Tensor, Tensor]]:
@@ -134,7 +123,7 @@ def _prefix_cache(prefix: list[tuple[Tensor, Tensor]], batch: int, suffix_len: i
 def fast_engine(
     model: HookedLlava,
     inp: MultimodalInput,
-    blocks: Sequence[Block],
+    blocks: Sequence[Edge],
     windows: Sequence[range],
     token: int,
     progress: bool = False,
@@ -153,16 +142,16 @@ def fast_engine(
         seq_len = embeds.shape[1]
         jobs = []
         for b, block in enumerate(blocks):
-            targets, sources = block_positions(inp.regions, block)
-            check_rows([(targets, sources)], [str(block)])
+            targets, sources = edge_positions(inp.regions, block)
+            hook = KnockoutHook([(targets, sources)], [str(block)])
             # An empty region blocks nothing: the clean probability, as the reference would give.
             start = min(int(t) for t in targets) if len(targets) and len(sources) else seq_len - 1
-            jobs.append((start, b, targets, sources))
+            jobs.append((start, b, hook))
         caches: dict[tuple[int, int], DynamicCache] = {}
-        for start, b, targets, sources in tqdm(sorted(jobs), desc="knockout", leave=False, disable=not progress):
+        jobs.sort(key=lambda job: job[:2])
+        for start, b, knockout in tqdm(jobs, desc="knockout", leave=False, disable=not progress):
             if caches and next(iter(caches))[0] != start:
                 caches.clear()  # blocks come sorted by start: the previous prefix is done with
-            mask = _suffix_mask(targets, sources, start, seq_len)
             prefix = _prefix(clean, start)
             step = _batch_size(model, prefix, len(windows), memory_budget)
             for lo in range(0, len(windows), step):
@@ -171,7 +160,7 @@ def fast_engine(
                 hooks = []
                 for layer in sorted({layer for w in chunk for layer in w}):
                     rows = torch.tensor([layer in w for w in chunk])
-                    hooks.append((hook_name(layer), batched_mask_hook(mask, rows)))
+                    hooks.append((hook_name(layer), knockout.with_rows(rows)))
                 past = None
                 if start > 0:
                     past = caches.get((start, n))
@@ -183,3 +172,63 @@ def fast_engine(
                 logits = model.bridge.run_with_hooks(suffix, fwd_hooks=hooks, past_key_values=past, logits_to_keep=1)
                 out[b, lo: lo + n] = vocab_softmax(logits[:, -1], n_vocab)[:, token].cpu()
     return out
+
+
+# ---------------------------------------------------------------- the reference engine and the registry
+
+class Engine(Protocol):
+    """Knockout probabilities of `token` at the last position, ``[edge, window]``.
+
+    ``clean`` is the prompt's clean pass when the caller has it (an engine may reuse it or ignore it).
+    """
+
+    def __call__(
+        self,
+        model: HookedLlava,
+        inp: MultimodalInput,
+        edges: Sequence[Edge],
+        windows: Sequence[range],
+        token: int,
+        progress: bool = False,
+        clean: CleanPass | None = None,
+    ) -> Float[Tensor, "edge window"]: ...
+
+
+def reference_engine(
+    model: HookedLlava,
+    inp: MultimodalInput,
+    blocks: Sequence[Edge],
+    windows: Sequence[range],
+    token: int,
+    progress: bool = False,
+    clean: CleanPass | None = None,
+) -> Float[Tensor, "block layer"]:
+    """One full forward with the knockout hooks per (block, window): slow and plain, the ground truth.
+
+    `clean` is accepted for the engine signature and not used: every pass starts from the pixels.
+    """
+    input_ids, kwargs = inp.forward_args()
+    n_vocab = inp.vocab_size(model)
+    out = torch.empty(len(blocks), len(windows))
+    jobs = [(b, w) for b in range(len(blocks)) for w in range(len(windows))]
+    with torch.inference_mode():
+        for b, w in tqdm(jobs, desc="knockout", unit="fwd", leave=False, disable=not progress):
+            hooks = block_hooks(inp.regions, blocks[b], windows[w])
+            logits = model.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, **kwargs)
+            out[b, w] = vocab_softmax(logits[0, -1], n_vocab)[token]
+    return out
+
+
+fast_engine.reuses_clean = True  # type: ignore[attr-defined]  # layer_sweep hands it its clean pass
+
+#: Engines by name; "fast" is the default.
+ENGINES: dict[str, Engine] = {"reference": reference_engine, "fast": fast_engine}
+
+
+def get_engine(engine: str | Engine) -> Engine:
+    """The engine called `engine` (or `engine` itself when it is a callable), else an error listing the names."""
+    if callable(engine):
+        return engine
+    if engine not in ENGINES:
+        raise MMLensError(f"unknown sweep engine {engine!r}; available: {', '.join(sorted(ENGINES))} (or a callable)")
+    return ENGINES[engine]
