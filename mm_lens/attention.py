@@ -22,19 +22,20 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from mm_lens.types import Sample, SampleSkip, Skip
 from mm_lens import hook_points
+from mm_lens.analyses import ATTENTION, each_sample
 from mm_lens.errors import MMLensError
+from mm_lens.types import Sample, SampleSkip, Skip
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
     from mm_lens.model import HookedLlava
+    from mm_lens.protocol import Protocol
     from mm_lens.regions import MultimodalInput, RegionMap
 
-ATTENTION_COLUMNS = ["question_id", "layer", "target", "source", "mass"]
+ATTENTION_COLUMNS = list(ATTENTION.columns)
 IMAGE_ATTENTION_COLUMNS = ["layer", "position", "row", "col", "tile", "attention"]
 REST = "Rest"
 DEFAULT_TARGETS = ("Question", "Last")
@@ -178,6 +179,23 @@ class AttentionResult:
     skips: list[Skip] = field(default_factory=list)
 
 
+def attention_sample(
+    model: HookedLlava,
+    sample: Sample,
+    load_image: Callable[[Sample], Image],
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    sources: Sequence[str] = DEFAULT_SOURCES,
+    protocol: str | Protocol | None = "auto",
+) -> pd.DataFrame:
+    """`attention_mass` rows of one sample (``ATTENTION_COLUMNS``); `SampleSkip` when it cannot be read."""
+    from mm_lens.regions import prepare
+
+    inp = prepare(model, load_image(sample), sample.question, protocol=protocol)
+    table = attention_mass(model, inp, targets, sources)
+    table.insert(0, "question_id", str(sample.question_id))
+    return table[ATTENTION_COLUMNS]
+
+
 def attention_samples(
     model: HookedLlava,
     samples: Iterable[Sample],
@@ -185,21 +203,18 @@ def attention_samples(
     targets: Sequence[str] = DEFAULT_TARGETS,
     sources: Sequence[str] = DEFAULT_SOURCES,
     progress: bool = True,
+    protocol: str | Protocol | None = "auto",
 ) -> AttentionResult:
-    """`attention_mass` for every sample (``ATTENTION_COLUMNS``); unreadable samples are skipped with reasons."""
-    from mm_lens.regions import prepare
-
+    """`attention_sample` for every sample; unreadable samples are skipped with reasons (`mm_lens.runs.
+    attention_run` does the same resumably)."""
     samples = list(samples)
     tables, skips = [], []
-    for sample in tqdm(samples, desc="attention", unit="sample", disable=not progress):
-        try:
-            inp = prepare(model, load_image(sample), sample.question)
-        except SampleSkip as skip:
-            skips.append(skip.record(str(sample.question_id)))
-            continue
-        table = attention_mass(model, inp, targets, sources)
-        table.insert(0, "question_id", str(sample.question_id))
-        tables.append(table)
+    process = lambda sample: attention_sample(model, sample, load_image, targets, sources, protocol)  # noqa: E731
+    for _, sample, result in each_sample(samples, process, progress=progress, desc="attention"):
+        if isinstance(result, SampleSkip):
+            skips.append(result.record(str(sample.question_id)))
+        else:
+            tables.append(result)
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=ATTENTION_COLUMNS)
     return AttentionResult(table=table[ATTENTION_COLUMNS], n_samples=len(samples), skips=skips)
 
@@ -210,6 +225,7 @@ __all__ = [
     "IMAGE_ATTENTION_COLUMNS",
     "REST",
     "attention_mass",
+    "attention_sample",
     "attention_samples",
     "image_attention",
     "pattern_hook_name",

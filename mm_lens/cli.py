@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     _lens_options(lens)
     lens.set_defaults(func=cmd_lens)
 
+    attention = sub.add_parser("attention", help="attention mass between regions -> attention.csv, attention.html")
+    _common(attention)
+    attention.add_argument("--target", action="append", dest="targets",
+                           help="target region whose attention is measured, repeatable (default: Question, Last)")
+    attention.add_argument("--source", action="append", dest="sources",
+                           help="source region attended to, repeatable (default: Image, Question; the rest is 'Rest')")
+    attention.set_defaults(func=cmd_attention)
+
     study = sub.add_parser(
         "study", help="the whole study: six task sets x six blocks + the lens, under the study protocol -> report"
     )
@@ -152,6 +160,12 @@ def cmd_lens(args) -> None:
     from mm_lens.runs import lens_run
 
     print(lens_run(readout=args.readout, all_samples=args.all_samples, **_run_args(args)).text(), file=sys.stderr)
+
+
+def cmd_attention(args) -> None:
+    from mm_lens.runs import attention_run
+
+    print(attention_run(targets=args.targets, sources=args.sources, **_run_args(args)).text(), file=sys.stderr)
 
 
 def cmd_study(args) -> None:

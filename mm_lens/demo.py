@@ -22,14 +22,17 @@ HELD_OUT_SEED = 20251122
 
 
 def toy_model_path() -> Path:
-    """The shipped toy checkpoint: `assets/toy-llava` beside the package (repository checkout or editable install)."""
-    path = Path(__file__).resolve().parent.parent / "assets" / "toy-llava"
-    if not (path / "config.json").is_file():
-        raise MMLensError(
-            f"the shipped toy model is missing at {path}; run mm-lens from a checkout of the repository "
-            "(pip install -e .) or train it with `mm-lens train-toy --out assets/toy-llava`"
-        )
-    return path
+    """The shipped toy checkpoint: `mm_lens/_assets/toy-llava` inside an installed wheel, `assets/toy-llava` beside
+    the package in a repository checkout (or an editable install of one)."""
+    package = Path(__file__).resolve().parent
+    candidates = (package / "_assets" / "toy-llava", package.parent / "assets" / "toy-llava")
+    for path in candidates:
+        if (path / "config.json").is_file():
+            return path
+    raise MMLensError(
+        f"the shipped toy model is missing (looked in {candidates[0]} and {candidates[1]}); reinstall mm-lens, "
+        "or train it with `mm-lens train-toy --out assets/toy-llava`"
+    )
 
 
 def window_for(n_layers: int) -> int:
@@ -78,10 +81,8 @@ def lens_reading(lens: pd.DataFrame) -> str:
 def run_demo(out_dir: str | Path = "results/demo", n_per_task: int = 30, model_path: str | Path | None = None,
              engine: str = "fast", progress: bool = True) -> Path:
     """Run the demo into `out_dir` (resumable: re-running skips finished samples); returns the report's path."""
-    from mm_lens.attention import attention_samples
-    from mm_lens.data.gqa import load_task, open_image
     from mm_lens.model import load
-    from mm_lens.runs import flow_run, lens_run
+    from mm_lens.runs import attention_run, flow_run, lens_run
     from mm_lens.toy import world
 
     out = Path(out_dir)
@@ -98,9 +99,7 @@ def run_demo(out_dir: str | Path = "results/demo", n_per_task: int = 30, model_p
         flow = flow_run(out / task, hooked, csv, images, blocks=list(DEMO_BLOCKS), window=k, engine=engine,
                         progress=progress)
         lens_run(out / task, hooked, csv, images, progress=progress)
-        if not (out / task / "attention.csv").is_file():
-            attn = attention_samples(hooked, load_task(csv), lambda s: open_image(images, s), progress=progress)
-            attn.table.to_csv(out / task / "attention.csv", index=False)
+        attention_run(out / task, hooked, csv, images, progress=progress)
         flows.append(pd.read_csv(out / task / "flow.csv", dtype={"question_id": str}).assign(task=task))
         lenses.append(pd.read_csv(out / task / "lens.csv", dtype={"question_id": str}).assign(task=task))
         wrong = sum(s.kind == "wrong answer" for s in flow.skips)

@@ -23,10 +23,10 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mm_lens.types import Sample, SampleSkip, Skip
 from mm_lens import hook_points
+from mm_lens.analyses import LENS, each_sample
 from mm_lens.errors import MMLensError
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from mm_lens.protocol import LensReadout, Protocol
     from mm_lens.regions import MultimodalInput
 
-LENS_COLUMNS = ["question_id", "layer", "form", "prob"]
+LENS_COLUMNS = list(LENS.columns)
 
 
 def answer_forms(answer: str, false_option: str | None = None) -> dict[str, str]:
@@ -163,10 +163,11 @@ def lens_samples(
     """
     samples = list(samples)
     tables, skips = [], []
-    for sample in tqdm(samples, desc="lens", unit="sample", disable=not progress):
-        try:
-            tables.append(lens_sample(model, sample, load_image, protocol, all_samples, readout))
-        except SampleSkip as skip:
-            skips.append(skip.record(str(sample.question_id)))
+    process = lambda sample: lens_sample(model, sample, load_image, protocol, all_samples, readout)  # noqa: E731
+    for _, sample, result in each_sample(samples, process, progress=progress, desc="lens"):
+        if isinstance(result, SampleSkip):
+            skips.append(result.record(str(sample.question_id)))
+        else:
+            tables.append(result)
     table = pd.concat(tables, ignore_index=True)[LENS_COLUMNS] if tables else pd.DataFrame(columns=LENS_COLUMNS)
     return LensResult(table=table, n_samples=len(samples), skips=skips)

@@ -24,10 +24,10 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-from mm_lens import plots
+from mm_lens.analyses import ANALYSES
 from mm_lens.errors import MMLensError
 
-RESULT_FILES = {"flow": "flow.csv", "lens": "lens.csv", "attention": "attention.csv"}
+RESULT_FILES = {name: f"{name}.csv" for name in ANALYSES}  # each analysis writes <name>.csv
 INTRO = "intro"  # reading shown at the top of the page
 _SHARD_DIR = re.compile(r"^shard-\d+-of-\d+$")
 
@@ -57,8 +57,7 @@ def _read(path: Path, kind: str) -> pd.DataFrame:
         df = pd.read_csv(path, dtype={"question_id": str})
     except (OSError, ValueError) as err:
         raise MMLensError(f"cannot read {str(path)!r}: {err}") from err
-    need = {"flow": ["block", "layer", "relative_change_pct"], "lens": ["layer", "form", "prob"],
-            "attention": ["layer", "target", "source", "mass"]}[kind]
+    need = ANALYSES[kind].required
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise MMLensError(
@@ -127,24 +126,6 @@ def _pooled(tasks: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-FLOW_CAPTION = (
-    "Relative change (%) of the probability of the model's first answer token when the target positions "
-    "may not attend to the source positions in a window of layers centred on each layer (attention "
-    "knockout). A drop means information flows along that edge at those layers. Line: mean over {n}; "
-    "band: {level:.0%} Student-t confidence interval of the mean."
-)
-LENS_CAPTION = (
-    "Probability of the first token of the answer (lower case, solid; capitalised, dashed) and of the false "
-    "option, read at the last position after each layer through the final norm and unembedding (logit "
-    "lens). Line: mean over {n}; band: {level:.0%} Student-t confidence interval of the mean."
-)
-ATTENTION_CAPTION = (
-    "Share of attention (averaged over heads and over the target's positions) that the question tokens and "
-    "the last position put on the image, on the question, and on the rest of the prompt, per layer; mean "
-    "over {n}. Each (layer, target) row sums to 1 over its sources."
-)
-
-
 def report_figures(results_dir: str | PathLike, level: float = 0.95) -> list[ReportFigure]:
     """The report's figures for a results folder, in page order (keys as in the module docstring)."""
     results = load_results(results_dir)
@@ -153,12 +134,8 @@ def report_figures(results_dir: str | PathLike, level: float = 0.95) -> list[Rep
 
 def _figures(results: Results, level: float) -> list[ReportFigure]:
     out: list[ReportFigure] = []
-    specs = (
-        ("flow", "Attention knockout", FLOW_CAPTION, plots.flow_curves, plots.flow_tasks_figure),
-        ("lens", "Answer logit lens", LENS_CAPTION, plots.lens_curves, plots.lens_tasks_figure),
-        ("attention", "Attention between regions", ATTENTION_CAPTION, plots.attention_figure, None),
-    )
-    for kind, heading, caption, one, facets in specs:
+    for kind, analysis in ANALYSES.items():
+        heading, caption = analysis.title, analysis.caption
         found = results.tables[kind]
         tasks = _per_task(found)
         main = found.get("")
@@ -167,17 +144,17 @@ def _figures(results: Results, level: float) -> list[ReportFigure]:
             main, main_note = _pooled(tasks), f" All {len(tasks)} tasks pooled."
         if main is not None:
             title = f"{heading}: all tasks" if main_note else heading
-            fig = plots.attention_figure(main, title=title) if kind == "attention" else one(main, level=level, title=title)
+            fig = analysis.draw(main, level=level, title=title)
             out.append(ReportFigure(kind, title, caption.format(n=_n(main), level=level) + main_note, fig))
-        if facets is not None and len(tasks) > 1:
+        if analysis.tasks_figure is not None and len(tasks) > 1:
             title = f"{heading} per task"
             n_all = sum(df["question_id"].nunique() for df in tasks.values() if "question_id" in df.columns)
             cap = caption.format(n=f"the samples of each task ({n_all} in all)", level=level)
             out.append(ReportFigure(f"{kind}_tasks", title, "One panel per task. " + cap,
-                                    facets(tasks, level=level, title=title)))
+                                    analysis.tasks_figure(tasks, level=level, title=title)))
         for task, df in tasks.items():
             title = f"{heading}: {task}"
-            fig = plots.attention_figure(df, title=title) if kind == "attention" else one(df, level=level, title=title)
+            fig = analysis.draw(df, level=level, title=title)
             out.append(ReportFigure(f"{kind}/{task}", title, caption.format(n=_n(df), level=level), fig))
     return out
 

@@ -2,7 +2,7 @@
 
 For each block and each layer l the knockout is applied at ``layer_window(l, k, n_layers)``; the result is one
 row per (block, layer) with the base probability, the knockout probability and the relative change in percent.
-How the knockout probabilities are computed is an *engine* (``ENGINES``): ``"reference"`` runs one full forward
+How the knockout probabilities are computed is an *engine* (`mm_lens.engines`): ``"reference"`` runs one full forward
 per (block, window); faster engines plug in with the same signature.
 """
 
@@ -15,12 +15,10 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
-from jaxtyping import Float
-from torch import Tensor
-from tqdm.auto import tqdm
 
+from mm_lens.analyses import FLOW, each_sample
 from mm_lens.types import Sample, SampleSkip, Skip, boxes_for, check_sample
-from mm_lens.engines import ENGINES, CleanPass, Engine, clean_pass, get_engine
+from mm_lens.engines import CleanPass, Engine, clean_pass, get_engine
 from mm_lens.errors import MMLensError
 from mm_lens.knockout import Edge, parse_edge
 from mm_lens.protocol import CHECKPOINT_ANSWER, AnswerRule, Protocol, resolve_protocol, vocab_softmax
@@ -33,7 +31,7 @@ if TYPE_CHECKING:
     from mm_lens.model import HookedLlava
     from mm_lens.regions import MultimodalInput
 
-FLOW_COLUMNS = ["question_id", "block", "layer", "base_prob", "knockout_prob", "relative_change_pct"]
+FLOW_COLUMNS = list(FLOW.columns)
 PATCH_REGIONS = (*_PATCHES, *(a for a, t in ALIASES.items() if t in _PATCHES))  # regions that need boxes
 WRONG_ANSWER = "wrong answer"  # skip kind of a sample the model answers wrongly
 
@@ -267,30 +265,25 @@ def flow_samples(
     layer_window(0, window, model.n_layers)  # a bad window fails before any sample is run
     samples = list(samples)
     tables, skips, n_wrong = [], [], 0
-    bar = tqdm(samples, desc="flow", unit="sample", disable=not progress)
-    for sample in bar:
-        try:
-            tables.append(flow_sample(model, sample, load_image, parsed, window, all_samples, engine, protocol))
-        except SampleSkip as skip:
-            skips.append(skip.record(str(sample.question_id)))
-            if skip.kind == WRONG_ANSWER:
-                n_wrong += 1
-                bar.set_postfix(wrong=n_wrong)
+    process = lambda sample: flow_sample(model, sample, load_image, parsed, window, all_samples, engine, protocol)  # noqa: E731
+    for _, sample, result in each_sample(samples, process, progress=progress, desc="flow"):
+        if isinstance(result, SampleSkip):
+            skips.append(result.record(str(sample.question_id)))
+            n_wrong += result.kind == WRONG_ANSWER
+        else:
+            tables.append(result)
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=FLOW_COLUMNS)
     return FlowResult(table=table, n_samples=len(samples), n_wrong=n_wrong, skips=skips)
 
 
 __all__ = [
-    "ENGINES",
     "FLOW_COLUMNS",
     "FlowResult",
     "flow_sample",
     "Greedy",
-    "get_engine",
     "greedy_answer",
     "layer_window",
     "normalize_answer",
-    "reference_engine",
     "layer_sweep",
     "flow_samples",
 ]

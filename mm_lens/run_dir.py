@@ -1,0 +1,358 @@
+"""A run directory: where a long run writes each finished sample at once, so a kill loses nothing.
+
+A run directory holds, per analysis (``flow``, ``lens``, ``attention``; see `mm_lens.analyses`)::
+
+    flow.config.json     the run's configuration; re-running into the directory must match it
+    flow.results.jsonl   one line per analysed sample {"index", "question_id", "rows"}: appended, flushed and
+                         fsynced as each sample finishes, so a SIGKILL loses at most the sample being computed
+    flow.skips.jsonl     one line per skipped sample {"index", "question_id", "kind", "reason"}, likewise
+    flow.errors.log      tracebacks of unexpected per-sample errors
+    flow.csv             the final table (CLI contract columns), flow.html its figure, flow.skips.csv the skips
+
+``index`` is the sample's row in the dataset (after ``--limit``): it keys resumption, sharding and the row order
+of the final table, which therefore equals an uninterrupted run's. A trailing partial line (the process died
+mid-write) is dropped on resume. The configuration is the run's identity: `run_config` builds it, and
+`config_differences` says how two differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from mm_lens.analyses import get_analysis
+from mm_lens.errors import MMLensError
+from mm_lens.types import Skip, summarise_skips
+
+if TYPE_CHECKING:
+    from mm_lens.shards import Shard
+
+FORMAT = 1  # run-directory format version, recorded in the config
+ERROR_KIND = "error"  # skip kinds starting with this are unexpected failures, retried on resume
+
+
+class RunBusy(MMLensError):
+    """Another process holds the run directory's lock (it is writing or merging there)."""
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _model_id(model: Any) -> str:
+    """A local checkpoint as its absolute path (so ``./m`` and ``/abs/m`` agree); a hub id unchanged."""
+    model = getattr(model, "name", model)  # a loaded HookedLlava: where it came from
+    path = Path(str(model)).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
+def _dtype_name(dtype: Any) -> str:
+    from mm_lens.model import _resolve_dtype
+
+    return str(_resolve_dtype(dtype)).removeprefix("torch.")
+
+
+def run_config(command: str, dataset: str | Path, n_samples: int, **options: Any) -> dict[str, Any]:
+    """The configuration recorded in (and compared against) a run directory."""
+    from mm_lens import __version__
+    from mm_lens.data.gqa import task_path
+
+    path = task_path(dataset)
+    config: dict[str, Any] = {
+        "command": command,
+        "format": FORMAT,
+        "mm_lens_version": __version__,
+        "dataset": str(path.resolve()),
+        "dataset_sha256": _file_sha256(path),
+        "n_samples": n_samples,
+        "columns": list(get_analysis(command).columns),
+    }
+    config.update(options)
+    return json.loads(json.dumps(config))  # plain JSON types, as read back from disk
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """``key: old -> new`` for every differing key (missing keys count as None)."""
+    skip = set(ignore)
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if key not in skip and old.get(key) != new.get(key)
+    ]
+
+
+def _read_jsonl(path: Path, repair: bool) -> list[dict[str, Any]]:
+    """Complete lines of an append-only JSON-lines file; a trailing partial line is dropped (and cut off
+    the file when ``repair``). A damaged line elsewhere is an error naming the file and line."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data) and repair:
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    records = []
+    for number, line in enumerate(data[:end].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            int(record["index"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise MMLensError(
+                f"{path} is damaged at line {number} ({err}); remove that line (the sample is then re-run) "
+                "or start a new --out"
+            ) from None
+        records.append(record)
+    return records
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file and rename, so a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+class RunDir:
+    """The files of one command's run in one directory: its config, results and skips.
+
+    `open` validates (or adopts) the configuration, takes an exclusive lock so two processes never write
+    the same run, drops a partial trailing line, and loads the finished samples.
+    """
+
+    def __init__(self, path: str | Path, command: str):
+        get_analysis(command)  # an unknown command raises with the list of analyses
+        self.path = Path(path).expanduser()
+        self.command = command
+        self.config: dict[str, Any] | None = None
+        self.results: dict[int, dict[str, Any]] = {}
+        self.skips: dict[int, dict[str, Any]] = {}
+        self._lock = None
+        self._config_written = False
+
+    # file names
+    def file(self, suffix: str) -> Path:
+        return self.path / f"{self.command}.{suffix}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.file("config.json")
+
+    @property
+    def results_path(self) -> Path:
+        return self.file("results.jsonl")
+
+    @property
+    def skips_path(self) -> Path:
+        return self.file("skips.jsonl")
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def read_config(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise MMLensError(f"{self.path} holds no {self.command} run (no {self.config_path.name})") from None
+        except (OSError, ValueError) as err:
+            raise MMLensError(f"cannot read {self.config_path}: {err}; start a new --out") from None
+
+    def check_config(self, config: dict[str, Any]) -> None:
+        """`MMLensError` naming the differing keys when the directory holds a run with another config."""
+        if not self.exists():
+            if self.results_path.exists() or self.skips_path.exists():
+                raise MMLensError(
+                    f"{self.path} has {self.command} results but no {self.config_path.name}; pass a new --out"
+                )
+            return
+        old = self.read_config()
+        diff = config_differences(old, config)
+        if diff:
+            raise MMLensError(
+                f"{self.path} holds a {self.command} run with a different configuration ({'; '.join(diff)}); "
+                "re-run with the same options to resume it, or pass a new --out"
+            )
+        self._config_written = True
+
+    def open(self, config: dict[str, Any]) -> RunDir:
+        """Create or resume the run; the config file is written with the first record (or at `finish`)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise MMLensError(f"cannot create the run folder {str(self.path)!r}: {err}") from err
+        self._lock = _lock(self.path / f".{self.command}.lock", self.path, self.command)
+        self.check_config(config)
+        self.config = config
+        self.load(repair=True)
+        return self
+
+    def load(self, repair: bool = False) -> None:
+        """Read the finished samples (later lines for an index replace earlier ones)."""
+        self.results = {int(r["index"]): r for r in _read_jsonl(self.results_path, repair)}
+        self.skips = {}
+        for record in _read_jsonl(self.skips_path, repair):
+            self.skips[int(record["index"])] = record
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # state
+    def final_skips(self) -> dict[int, dict[str, Any]]:
+        """Skips of samples that have no result (a retried sample that succeeded is no longer skipped)."""
+        return {i: s for i, s in self.skips.items() if i not in self.results}
+
+    def done(self, retry_skips: bool = False) -> set[int]:
+        """Indices not to run again: analysed ones, and skipped ones unless retried."""
+        done = set(self.results)
+        if not retry_skips:
+            done |= {i for i, s in self.final_skips().items() if not str(s["kind"]).startswith(ERROR_KIND)}
+        return done
+
+    def recorded(self) -> set[int]:
+        """Every index with a final record (analysed or skipped, errors included)."""
+        return set(self.results) | set(self.skips)
+
+    # writing
+    def _ensure_config(self) -> None:
+        if not self._config_written:
+            if self.config is None:
+                raise MMLensError("the run was not opened with a configuration")
+            _write_text(self.config_path, json.dumps(self.config, indent=2) + "\n")
+            self._config_written = True
+
+    def _append(self, path: Path, record: dict[str, Any]) -> None:
+        try:
+            self._ensure_config()
+            with open(path, "ab") as f:
+                f.write(_dumps(record).encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:  # disk full, folder removed, ...: what is on disk stays resumable
+            raise MMLensError(
+                f"cannot write to {path}: {err}; fix that and re-run the same command to resume"
+            ) from err
+
+    def add_result(self, index: int, question_id: str, table: pd.DataFrame) -> None:
+        """Append one sample's rows (all of them in one line, so a sample is never half recorded)."""
+        rows = table[list(get_analysis(self.command).columns)].to_dict("split")["data"]
+        record = {"index": int(index), "question_id": str(question_id), "rows": rows}
+        self._append(self.results_path, record)
+        self.results[int(index)] = record
+
+    def add_skip(self, index: int, question_id: str, kind: str, reason: str) -> None:
+        record = {"index": int(index), "question_id": str(question_id), "kind": kind, "reason": reason}
+        self._append(self.skips_path, record)
+        self.skips[int(index)] = record
+
+    def log_error(self, index: int, question_id: str, text: str) -> None:
+        with open(self.file("errors.log"), "a", encoding="utf-8") as f:
+            f.write(f"--- sample {index} (question {question_id})\n{text}\n")
+
+    # outputs
+    def table(self) -> pd.DataFrame:
+        """The results of every analysed sample, in dataset order."""
+        cols = list(get_analysis(self.command).columns)
+        rows = [row for i in sorted(self.results) for row in self.results[i]["rows"]]
+        return pd.DataFrame(rows, columns=cols)
+
+    def skip_list(self) -> list[Skip]:
+        return [
+            Skip(str(s["question_id"]), str(s["reason"]), str(s["kind"]))
+            for _, s in sorted(self.final_skips().items())
+        ]
+
+    def finish(self, outputs: bool = True) -> list[Path]:
+        """Write the skip list and (``outputs``) the table and its figure; returns the paths written.
+
+        A shard writes no table: ``mm-lens report`` would take its folder for a task.
+        """
+        self._ensure_config()
+        skips = self.skip_list()
+        skips_path = self.file("skips.csv")
+        frame = pd.DataFrame([s.__dict__ for s in skips], columns=["question_id", "kind", "reason"])
+        _atomic_write(skips_path, lambda tmp: frame.to_csv(tmp, index=False))
+        if not outputs:
+            return [skips_path]
+        table = self.table()
+        csv_path = self.file("csv")
+        _atomic_write(csv_path, lambda tmp: table.to_csv(tmp, index=False))
+        fig = get_analysis(self.command).figure(table)
+        html_path = self.file("html")
+        _atomic_write(html_path, lambda tmp: fig.write_html(tmp, include_plotlyjs=True))
+        return [csv_path, html_path, skips_path]
+
+
+def _lock(path: Path, folder: Path, command: str, wait: bool = False):
+    """An exclusive advisory lock held while the returned file stays open (released even on SIGKILL)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        return open(path, "a")
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.close()
+        raise RunBusy(
+            f"another mm-lens {command} process is writing to {folder}; wait for it to finish or pass another --out"
+        ) from None
+    return handle
+
+
+@dataclass
+class RunSummary:
+    """What a run did: samples in it, analysed, resumed from earlier runs, skipped (with reasons), files."""
+
+    command: str
+    path: Path
+    n_samples: int
+    n_analysed: int
+    n_resumed: int
+    skips: list[Skip] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+    shard: Shard | None = None
+    merged: RunSummary | None = None  # set when this shard completed the set and merged it
+
+    def text(self) -> str:
+        """The end-of-run report: counts, skip reasons per kind, files written."""
+        what = self.command if self.shard is None else f"{self.command} shard {self.shard}"
+        lines = [f"{what}: {self.n_analysed} of {self.n_samples} sample(s) analysed"]
+        if self.n_resumed:
+            lines[0] += f" ({self.n_resumed} finished by an earlier run, resumed)"
+        if self.skips:
+            lines.append(summarise_skips(self.skips))
+        lines += [f"wrote {p}" for p in self.written]
+        if self.merged is not None:
+            lines.append(f"all shards finished; merged into {self.merged.path}:")
+            lines.append(self.merged.text())
+        return "\n".join(lines)
