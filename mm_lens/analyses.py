@@ -6,7 +6,8 @@ it, and how to build the per-sample function from the run's options. `ANALYSES` 
 
 * ``flow``: the attention-knockout layer sweep (`mm_lens.sweep.flow_sample`);
 * ``lens``: the answer logit lens (`mm_lens.lens.lens_sample`);
-* ``attention``: attention mass between regions (`mm_lens.attention.attention_sample`).
+* ``attention``: attention mass between regions (`mm_lens.attention.attention_sample`);
+* ``patching``: activation patching from a counterfactual input (`mm_lens.patching.patching_sample`).
 
 `each_sample` is the one loop over samples: in-memory helpers (``flow_samples``...) and resumable runs
 (`mm_lens.runs`) both go through it, so a sample is skipped for the same reasons in both.
@@ -105,8 +106,23 @@ ATTENTION = Analysis(
     has_level=False,
 )
 
+PATCHING = Analysis(
+    name="patching",
+    title="Activation patching",
+    columns=("question_id", "site", "region", "layer", "prob", "clean_prob", "corrupt_prob", "restoration"),
+    required=("site", "region", "layer", "restoration"),
+    caption=(
+        "Normalised restoration (prob - corrupted) / (clean - corrupted) of the clean answer token's probability "
+        "when the clean input's activation at the site is written into the counterfactual run at the region's "
+        "positions, one layer at a time: 1 = the clean answer is fully restored, 0 = nothing is. Line: mean over "
+        "{n}; band: {level:.0%} Student-t confidence interval of the mean."
+    ),
+    figure=_plot("patching_figure"),
+    curves=_plot("patching_curves"),
+)
+
 #: Every analysis by name, in report order.
-ANALYSES: dict[str, Analysis] = {a.name: a for a in (FLOW, LENS, ATTENTION)}
+ANALYSES: dict[str, Analysis] = {a.name: a for a in (FLOW, LENS, ATTENTION, PATCHING)}
 
 
 def get_analysis(name: str | Analysis) -> Analysis:
@@ -150,4 +166,4 @@ def each_sample(
         yield index, sample, result
 
 
-__all__ = ["ANALYSES", "ATTENTION", "FLOW", "LENS", "Analysis", "Process", "each_sample", "get_analysis"]
+__all__ = ["ANALYSES", "ATTENTION", "FLOW", "LENS", "PATCHING", "Analysis", "Process", "each_sample", "get_analysis"]

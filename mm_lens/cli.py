@@ -71,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="source region attended to, repeatable (default: Image, Question; the rest is 'Rest')")
     attention.set_defaults(func=cmd_attention)
 
+    patching = sub.add_parser(
+        "patching", help="activation patching from counterfactual pairs of the data -> patching.csv, patching.html"
+    )
+    _common(patching)
+    patching.add_argument("--region", action="append", dest="regions",
+                          help="region whose positions are patched, repeatable (default: Image)")
+    patching.add_argument("--site", default="resid_pre",
+                          help="activation patched: resid_pre (default), resid_mid, resid_post, attn_out, mlp_out")
+    patching.add_argument("--pairs", default="image", choices=("image", "options"),
+                          help="corruption: another image whose answer differs (default), or the options swapped")
+    patching.set_defaults(func=cmd_patching)
+
     study = sub.add_parser(
         "study", help="the whole study: six task sets x six blocks + the lens, under the study protocol -> report"
     )
@@ -166,6 +178,13 @@ def cmd_attention(args) -> None:
     from mm_lens.runs import attention_run
 
     print(attention_run(targets=args.targets, sources=args.sources, **_run_args(args)).text(), file=sys.stderr)
+
+
+def cmd_patching(args) -> None:
+    from mm_lens.runs import patching_run
+
+    summary = patching_run(regions=args.regions or ["Image"], site=args.site, pairs=args.pairs, **_run_args(args))
+    print(summary.text(), file=sys.stderr)
 
 
 def cmd_study(args) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from tqdm.auto import tqdm
 
 from mm_lens.analyses import Analysis, Process, each_sample, get_analysis
@@ -34,7 +35,7 @@ from mm_lens.run_dir import (
 from mm_lens.shards import Shard, _local_device, _merge_if_complete, merge_runs, parse_shard, shard_from_env
 from mm_lens.types import Sample, SampleSkip
 
-COMMANDS = ("flow", "lens", "attention")  # the analyses a run can be (mm_lens.analyses.ANALYSES)
+COMMANDS = ("flow", "lens", "attention", "patching")  # the analyses a run can be (mm_lens.analyses.ANALYSES)
 MAX_CONSECUTIVE_ERRORS = 5  # this many unexpected failures in a row stop the run (a set-up problem)
 
 
@@ -397,6 +398,62 @@ def attention_run(
     ))
 
 
+def patching_run(
+    out: str | Path,
+    model: Any,  # a path / hub id, or a loaded HookedLlava
+    dataset: str | Path,
+    images: str | Path,
+    regions: Sequence[str] = ("Image",),
+    site: str = "resid_pre",
+    pairs: str = "image",
+    limit: int | None = None,
+    dtype: Any = None,
+    device: str | None = None,
+    device_map: Any = None,
+    shard: Shard | str | None = None,
+    retry_skips: bool = False,
+    progress: bool = True,
+    protocol: str | None = "auto",
+) -> RunSummary:
+    """Activation patching over a task set as a resumable run into `out` (``patching.csv``, ``patching.html``).
+
+    Each sample is paired from the data (`mm_lens.patching.counterfactual_pairs`: ``pairs="image"``, another
+    image whose answer differs; ``"options"``, the options swapped) and patched at `site` over every layer, for
+    each of `regions`. A sample without a partner, or whose pair changes the layout, is skipped with the reason.
+    """
+    from mm_lens.patching import PAIR_MODES, SITES, counterfactual_pairs, patching_sample
+
+    regions = list(regions)
+    if site not in SITES:
+        raise MMLensError(f"--site {site!r} is not a patching site; choose one of {', '.join(SITES)}")
+    if pairs not in PAIR_MODES:
+        raise MMLensError(f"--pairs {pairs!r} is not known; choose one of {', '.join(PAIR_MODES)}")
+    by_id = {str(p.sample.question_id): p for p in counterfactual_pairs(_samples(dataset, limit), pairs)}
+
+    def resolve():
+        return resolve_run_protocol(model, protocol, dtype, device, command="patching")
+
+    def options(resolved):
+        return {"regions": regions, "site": site, "pairs": pairs}
+
+    def make_process(model_, load_image, resolved):
+        proto = resolved.protocol
+
+        def process(sample: Sample):
+            pair = by_id.get(str(sample.question_id))
+            if pair is None:
+                raise SampleSkip(f"no {pairs} counterfactual for this sample in the dataset", "no counterfactual")
+            tables = [patching_sample(model_, pair, load_image, region, site, proto) for region in regions]
+            return pd.concat(tables, ignore_index=True)
+
+        return process
+
+    return run_analysis("patching", RunSpec(
+        out, model, dataset, images, make_process, resolve, options, limit=limit, dtype=dtype, device=device,
+        device_map=device_map, shard=shard, retry_skips=retry_skips, progress=progress,
+    ))
+
+
 __all__ = [
     "COMMANDS",
     "RunDir",
@@ -409,6 +466,7 @@ __all__ = [
     "flow_run",
     "lens_run",
     "merge_runs",
+    "patching_run",
     "parse_shard",
     "run_analysis",
     "run_config",
