@@ -129,6 +129,7 @@ def fast_engine(
     progress: bool = False,
     clean: CleanPass | None = None,
     memory_budget: int | None = None,
+    heads: Sequence[int] | None = None,
 ) -> Float[Tensor, "block layer"]:
     """Knockout probabilities of `token` at the last position, ``[block, window]``; equals the reference engine.
 
@@ -143,7 +144,7 @@ def fast_engine(
         jobs = []
         for b, block in enumerate(blocks):
             targets, sources = edge_positions(inp.regions, block)
-            hook = KnockoutHook([(targets, sources)], [str(block)])
+            hook = KnockoutHook([(targets, sources)], [str(block)], heads=heads)
             # An empty region blocks nothing: the clean probability, as the reference would give.
             start = min(int(t) for t in targets) if len(targets) and len(sources) else seq_len - 1
             jobs.append((start, b, hook))
@@ -179,7 +180,8 @@ def fast_engine(
 class Engine(Protocol):
     """Knockout probabilities of `token` at the last position, ``[edge, window]``.
 
-    ``clean`` is the prompt's clean pass when the caller has it (an engine may reuse it or ignore it).
+    ``clean`` is the prompt's clean pass when the caller has it (an engine may reuse it or ignore it);
+    ``heads`` restricts the knockout to those attention heads (None: all).
     """
 
     def __call__(
@@ -191,6 +193,7 @@ class Engine(Protocol):
         token: int,
         progress: bool = False,
         clean: CleanPass | None = None,
+        heads: Sequence[int] | None = None,
     ) -> Float[Tensor, "edge window"]: ...
 
 
@@ -202,6 +205,7 @@ def reference_engine(
     token: int,
     progress: bool = False,
     clean: CleanPass | None = None,
+    heads: Sequence[int] | None = None,
 ) -> Float[Tensor, "block layer"]:
     """One full forward with the knockout hooks per (block, window): slow and plain, the ground truth.
 
@@ -213,7 +217,7 @@ def reference_engine(
     jobs = [(b, w) for b in range(len(blocks)) for w in range(len(windows))]
     with torch.inference_mode():
         for b, w in tqdm(jobs, desc="knockout", unit="fwd", leave=False, disable=not progress):
-            hooks = block_hooks(inp.regions, blocks[b], windows[w])
+            hooks = block_hooks(inp.regions, blocks[b], windows[w], heads=heads)
             logits = model.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, **kwargs)
             out[b, w] = vocab_softmax(logits[0, -1], n_vocab)[token]
     return out
