@@ -32,13 +32,13 @@ if TYPE_CHECKING:
 Process = Callable[[Sample], "pd.DataFrame"]
 
 
-def _plot(name: str) -> Callable[..., go.Figure]:
-    """`mm_lens.plots.<name>`, imported when first drawn (plotly is not needed to run an analysis)."""
+def _plot(name: str, module: str = "mm_lens.plots") -> Callable[..., go.Figure]:
+    """`module.name`, imported when first drawn (plotly is not needed to run an analysis)."""
 
     def draw(*args: Any, **kwargs: Any) -> go.Figure:
-        from mm_lens import plots
+        import importlib
 
-        return getattr(plots, name)(*args, **kwargs)
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
     return draw
 
@@ -121,8 +121,37 @@ PATCHING = Analysis(
     curves=_plot("patching_curves"),
 )
 
-#: Every analysis by name, in report order.
-ANALYSES: dict[str, Analysis] = {a.name: a for a in (FLOW, LENS, ATTENTION, PATCHING)}
+HEADS = Analysis(
+    name="heads",
+    title="Knockout per attention head",
+    columns=("question_id", "block", "layer", "head", "base_prob", "knockout_prob", "relative_change_pct"),
+    required=("layer", "head", "relative_change_pct"),
+    caption=(
+        "Relative change (%) of the answer probability when the edge is blocked in one attention head of one "
+        "layer (`mm_lens.heads.head_sweep`); blue: the head carries part of the flow. Mean over {n}."
+    ),
+    figure=_plot("head_figure"),
+    curves=_plot("head_figure"),
+    has_level=False,
+)
+IMAGE_LENS = Analysis(
+    name="image_lens",
+    title="Logit lens on the image tokens",
+    columns=("layer", "position", "tile", "row", "col", "grid_row", "grid_col", "rank", "token", "token_id", "prob"),
+    required=("layer", "position", "rank", "token", "prob"),
+    caption=(
+        "What each image token's residual stream would predict, read through the unembedding at each layer "
+        "(`mm_lens.image_lens.image_token_lens`): colour = top-1 probability, hover = the top tokens; move the "
+        "slider through the layers. One input ({n})."
+    ),
+    figure=_plot("image_lens_figure", "mm_lens.image_lens"),
+    curves=_plot("image_lens_figure", "mm_lens.image_lens"),
+    has_level=False,
+)
+
+#: Every analysis by name, in report order. flow, lens, attention and patching run over a dataset
+#: (`mm_lens.runs`); the report also draws ``heads.csv`` and ``image_lens.csv`` tables saved by hand.
+ANALYSES: dict[str, Analysis] = {a.name: a for a in (FLOW, LENS, ATTENTION, PATCHING, HEADS, IMAGE_LENS)}
 
 
 def get_analysis(name: str | Analysis) -> Analysis:
@@ -166,4 +195,4 @@ def each_sample(
         yield index, sample, result
 
 
-__all__ = ["ANALYSES", "ATTENTION", "FLOW", "LENS", "PATCHING", "Analysis", "Process", "each_sample", "get_analysis"]
+__all__ = ["ANALYSES", "ATTENTION", "FLOW", "HEADS", "IMAGE_LENS", "LENS", "PATCHING", "Analysis", "Process", "each_sample", "get_analysis"]
