@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install lint test wheel-check demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,8 +15,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+# `make test` = lint, then the test suite.
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The wheel from a clean checkout of HEAD in a fresh venv: pip check, then `mm-lens demo` outside the repository
+# (WHEEL_CHECK_ARGS=--floors also installs every dependency at its floor).
+wheel-check:
+	bash scripts/check_wheel.sh $(WHEEL_CHECK_ARGS)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/mm-lens demo --out results/demo
