@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float
 
-from mm_lens.types import Box, SampleSkip
 from mm_lens.errors import MMLensError
+from mm_lens.types import Box, SampleSkip
 
 MAX_SIDE = 65535  # coordinates are spelled in two 8-bit channels
 CROPPED_KIND = "box outside the centre crop"
@@ -39,14 +39,14 @@ class Axis:
     """For one axis of one processed tile: the original-image interval [lo, hi) each processed pixel
     stands for (NaN for padding pixels)."""
 
-    lo: Float[np.ndarray, "n"]
-    hi: Float[np.ndarray, "n"]
+    lo: Float[np.ndarray, " n"]
+    hi: Float[np.ndarray, " n"]
 
     @property
-    def valid(self) -> Bool[np.ndarray, "n"]:
+    def valid(self) -> Bool[np.ndarray, " n"]:
         return ~np.isnan(self.lo)
 
-    def inside(self, start: float, stop: float) -> Bool[np.ndarray, "n"]:
+    def inside(self, start: float, stop: float) -> Bool[np.ndarray, " n"]:
         """Processed pixels whose interval overlaps [start, stop) with positive length."""
         with np.errstate(invalid="ignore"):
             return self.valid & (self.lo < stop) & (self.hi > start)
@@ -93,8 +93,8 @@ _NOT_SEPARABLE = (
 
 def _source_coordinates(image_processor, width: int, height: int, axis: str) -> np.ndarray:
     """Run a coordinate-spelling image through the processor; returns [tile, h, w] source coords, -1 = padding."""
-    from transformers.image_utils import PILImageResampling
     from PIL import Image
+    from transformers.image_utils import PILImageResampling
 
     n = width if axis == "x" else height
     coord = np.arange(n, dtype=np.int64)
@@ -244,6 +244,12 @@ class TokenPatch:
     c0: int
     c1: int
 
+    @classmethod
+    def of(cls, token) -> TokenPatch:
+        """The patch of a `mm_lens.regions.ImageToken` that has a box."""
+        x0, y0, x1, y1 = token.box
+        return cls(token.position, token.tile, y0, y1, x0, x1)
+
 
 def split_patches(
     geometry: Sequence[TileGeometry],
@@ -299,9 +305,9 @@ def split_patches(
         related=pos[is_related].tolist(),
         other=pos[valid & ~is_related].tolist(),
         padding=pos[~valid].tolist(),
-        lost_boxes=tuple(b for b, s in zip(boxes, seen) if not s),
-        footprints={int(p): tuple(map(float, f)) for p, f, v in zip(pos, footprint, valid) if v},
-        tiles={int(p): int(t) for p, t in zip(pos, tile)},
+        lost_boxes=tuple(b for b, s in zip(boxes, seen, strict=True) if not s),
+        footprints={int(p): tuple(map(float, f)) for p, f, v in zip(pos, footprint, valid, strict=True) if v},
+        tiles={int(p): int(t) for p, t in zip(pos, tile, strict=True)},
     )
 
 
@@ -367,7 +373,7 @@ def as_boxes(boxes: Sequence[Box | Sequence[float]], width: int, height: int) ->
     """
     out = []
     for raw in boxes:
-        box = raw if isinstance(raw, Box) else _tuple_box(raw)
+        box = _as_box(raw)
         if not (box.w > 0 and box.h > 0):
             raise MMLensError(f"box {_box_text(box)} has no area; pass boxes as (x, y, w, h) with w, h > 0")
         clipped = box.clip(width, height)
@@ -379,7 +385,10 @@ def as_boxes(boxes: Sequence[Box | Sequence[float]], width: int, height: int) ->
     return out
 
 
-def _tuple_box(raw: Sequence[float]) -> Box:
+def _as_box(raw: Box | Sequence[float]) -> Box:
+    """A `Box` as it is, or one from ``(x, y, w, h)`` numbers in image pixels."""
+    if isinstance(raw, Box):
+        return raw
     try:
         x, y, w, h = (float(v) for v in raw)
     except (TypeError, ValueError):
@@ -389,16 +398,11 @@ def _tuple_box(raw: Sequence[float]) -> Box:
 
 def region_tokens(regions) -> list[TokenPatch]:
     """The image tokens of a `RegionMap` that are patches (row separators and CLS features left out)."""
-    if len(regions.patch_box) != len(regions.image_positions):
-        raise MMLensError("the region map has no patch rectangles (patch_box); build it with mm_lens.regions.prepare")
-    out = []
-    for pos, tile, newline, rect in zip(
-        regions.image_positions, regions.patch_tile, regions.is_newline, regions.patch_box
-    ):
-        if newline or rect is None:
-            continue
-        x0, y0, x1, y1 = rect
-        out.append(TokenPatch(pos, tile, y0, y1, x0, x1))
+    out = [TokenPatch.of(token) for token in regions.image_tokens if token.box is not None]
+    if not out:
+        raise MMLensError(
+            "the region map has no patch rectangles (ImageToken.box); build it with mm_lens.regions.prepare"
+        )
     return out
 
 
@@ -428,7 +432,9 @@ def _image_processor(model):
 # ------------------------------------------------------------------------------------------ the study's rule
 
 
-def red_mask_patches(image_processor, image, regions, boxes: Sequence[Box | Sequence[float]]) -> tuple[list[int], list[int]]:
+def red_mask_patches(
+    image_processor, image, regions, boxes: Sequence[Box | Sequence[float]]
+) -> tuple[list[int], list[int]]:
     """The study's related / other image tokens: boxes drawn red on a green mask of the image's size, the mask
     sent through `image_processor` without rescaling or normalising, a patch related when one of its pixels
     is exactly (255, 0, 0).
@@ -441,7 +447,7 @@ def red_mask_patches(image_processor, image, regions, boxes: Sequence[Box | Sequ
 
     drawn = []
     for raw in boxes:
-        box = raw if isinstance(raw, Box) else _tuple_box(raw)
+        box = _as_box(raw)
         x, y, w, h = int(box.x), int(box.y), int(box.w), int(box.h)
         drawn.append((x, y, x + w, y + h))
     if not drawn:

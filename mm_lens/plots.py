@@ -1,9 +1,27 @@
-"""Figures read from result tables (never from models); each function returns a plotly ``Figure``."""
+"""Figures read from result tables, never from models; each function returns a plotly ``Figure``.
+
+The analyses (`mm_lens.knockout`, `mm_lens.lens`, `mm_lens.attention`, ...) run the model and write long
+tables, one row per (sample, layer, block / form / region); the CLI saves them as CSV. This module only
+reads such tables, so a figure can be redrawn, restyled or combined across runs without loading a model:
+
+* layer curves: `flow_curves` (a knockout table: ``block, layer, relative_change_pct``) and `lens_curves`
+  (a logit-lens table: ``form, layer, prob``), one panel per task with `flow_tasks_figure` /
+  `lens_tasks_figure`; `flow_figure` / `lens_figure` draw plain means without bands.
+* bands: `mean_ci`, the Student-t confidence interval of the mean over samples at each layer.
+* image patches: `patch_table` joins per-position values with the patch rectangles of a
+  `mm_lens.regions.RegionMap` (or a `mm_lens.patches.PatchSets`), `patch_values_figure` colours them over
+  the image, `patches_figure` outlines the related patches.
+* attention: `attention_figure`, a layers x (target <- source) heatmap of an ``attention_mass`` table.
+
+A table missing a column is an `MMLensError` that names the column.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from scipy import stats
 
 from mm_lens.errors import MMLensError
 
@@ -14,13 +32,19 @@ def _need(df: pd.DataFrame, columns: list[str], what: str) -> None:
         raise MMLensError(f"{what} table lacks column(s) {', '.join(missing)}; pass the table the CLI writes")
 
 
+def _mean_lines(df: pd.DataFrame, key: str, value: str) -> go.Figure:
+    """One line per group of ``key`` (in order of appearance): the mean of ``value`` per layer."""
+    fig = go.Figure()
+    for name, group in df.groupby(key, sort=False):
+        mean = group.groupby("layer")[value].mean().sort_index()
+        fig.add_trace(go.Scatter(x=mean.index, y=mean.values, mode="lines+markers", name=str(name)))
+    return fig
+
+
 def flow_figure(df: pd.DataFrame, title: str = "Attention knockout: change in answer probability") -> go.Figure:
     """Mean relative change (%) of the answer probability per layer, one line per block."""
     _need(df, ["block", "layer", "relative_change_pct"], "flow")
-    fig = go.Figure()
-    for block, group in df.groupby("block", sort=False):
-        mean = group.groupby("layer")["relative_change_pct"].mean().sort_index()
-        fig.add_trace(go.Scatter(x=mean.index, y=mean.values, mode="lines+markers", name=str(block)))
+    fig = _mean_lines(df, "block", "relative_change_pct")
     fig.add_hline(y=0, line_dash="dot", line_color="gray")
     fig.update_layout(title=title, xaxis_title="layer", yaxis_title="relative change in probability (%)")
     return fig
@@ -29,10 +53,7 @@ def flow_figure(df: pd.DataFrame, title: str = "Attention knockout: change in an
 def lens_figure(df: pd.DataFrame, title: str = "Answer logit lens") -> go.Figure:
     """Mean probability of each answer form per layer, read through the final norm and unembedding."""
     _need(df, ["form", "layer", "prob"], "lens")
-    fig = go.Figure()
-    for form, group in df.groupby("form", sort=False):
-        mean = group.groupby("layer")["prob"].mean().sort_index()
-        fig.add_trace(go.Scatter(x=mean.index, y=mean.values, mode="lines+markers", name=str(form)))
+    fig = _mean_lines(df, "form", "prob")
     fig.update_layout(title=title, xaxis_title="layer", yaxis_title="probability", yaxis_range=[0, 1])
     return fig
 
@@ -41,8 +62,6 @@ def patches_figure(image, patches, boxes=(), tiles: str = "auto", title: str = "
     """The image with its related patches outlined (other patches faintly, boxes dashed), to check the
     box -> patch mapping by eye. ``patches`` is a `mm_lens.patches.PatchSets`; ``tiles`` picks which
     patch grid to draw: "auto" (LLaVA-NeXT's any-res tiles when present, else the image), "base", "all"."""
-    import numpy as np
-
     if tiles not in ("auto", "base", "all"):
         raise MMLensError(f"tiles={tiles!r} is not one of 'auto', 'base', 'all'")
     pixels = np.asarray(image.convert("RGB"))
@@ -90,60 +109,16 @@ def patches_figure(image, patches, boxes=(), tiles: str = "auto", title: str = "
 # mean +- t_{(1+level)/2, n-1} * sd / sqrt(n). With one sample there is no band.
 
 
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b) by Lentz's continued fraction (Numerical Recipes 6.4)."""
-    import math
-
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only on this side
-        return 1.0 - _betainc(b, a, 1.0 - x)
-    front = math.exp(a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)))
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        for num in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return front * h / a
-
-
 def t_cdf(t: float, df: float) -> float:
-    """Student-t cumulative distribution function."""
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
+    """Student-t cumulative distribution function (`scipy.stats.t`)."""
+    return float(stats.t.cdf(t, df))
 
 
 def t_quantile(p: float, df: float) -> float:
-    """Student-t quantile (inverse CDF) by bisection; e.g. ``t_quantile(0.975, 9) == 2.262...``."""
+    """Student-t quantile (inverse CDF, `scipy.stats.t`); e.g. ``t_quantile(0.975, 9) == 2.262...``."""
     if not 0.0 < p < 1.0 or df <= 0:
         raise MMLensError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+    return float(stats.t.ppf(p, df))
 
 
 def mean_ci(df: pd.DataFrame, by: list[str], value: str, level: float = 0.95) -> pd.DataFrame:
@@ -152,17 +127,16 @@ def mean_ci(df: pd.DataFrame, by: list[str], value: str, level: float = 0.95) ->
     Groups of one sample get ``lo = hi = NaN`` (no interval). NaN values (e.g. a zero base probability) are
     left out of their group.
     """
-    import numpy as np
-
     if not 0.0 < level < 1.0:
         raise MMLensError(f"confidence level {level} must be between 0 and 1, e.g. 0.95")
     _need(df, [*by, value], "summary")
     grouped = df.dropna(subset=[value]).groupby(by, sort=True)[value]
     out = grouped.agg(mean="mean", sd="std", n="count").reset_index()
+    n = out["n"].to_numpy(float)
+    several = n > 1
     half = np.full(len(out), np.nan)
-    for i, (sd, n) in enumerate(zip(out["sd"], out["n"])):
-        if n > 1:
-            half[i] = t_quantile((1.0 + level) / 2.0, n - 1) * sd / np.sqrt(n)
+    t = stats.t.ppf((1.0 + level) / 2.0, n[several] - 1)
+    half[several] = t * out["sd"].to_numpy(float)[several] / np.sqrt(n[several])
     out["lo"] = out["mean"] - half
     out["hi"] = out["mean"] + half
     return out[[*by, "mean", "lo", "hi", "n", "sd"]]
@@ -226,8 +200,6 @@ def _add_curves(
     legend_shown: set | None = None,
 ) -> None:
     """A mean line and a shaded interval per group of ``key``; one legend entry per group per figure."""
-    import numpy as np
-
     where = dict(row=row, col=col) if row is not None else {}
     fmt = ".1f" if unit == "%" else ".3f"
     for name, style in styles.items():
@@ -293,6 +265,35 @@ def _subtitle(df: pd.DataFrame, level: float) -> str:
     return f"<sup>mean over {samples}band: {level:.0%} t-interval of the mean</sup>"
 
 
+def _curves_figure(
+    df: pd.DataFrame,
+    key: str,
+    value: str,
+    what: str,
+    groups: list[str] | None,
+    styles_for,
+    labels: dict[str, str],
+    unit: str,
+    clip: tuple[float, float],
+    level: float,
+    empty: str,
+    title: str,
+    **layout,
+) -> go.Figure:
+    """A figure with a mean line and a `level` band of ``value`` per layer for each group of ``key``
+    (``groups``, else every group of the table); ``empty``: the error for a table without rows;
+    ``title`` gets the samples / band subtitle, ``layout`` goes to ``update_layout``."""
+    _need(df, [key, "layer", value], what)
+    if df.empty:
+        raise MMLensError(empty)
+    summary = mean_ci(df, [key, "layer"], value, level)
+    fig = go.Figure()
+    styles = styles_for(list(groups) if groups else df[key].unique())
+    _add_curves(fig, summary, key, styles, labels, unit, clip=clip)
+    fig.update_layout(title=f"{title}<br>{_subtitle(df, level)}", template="plotly_white", **layout)
+    return fig
+
+
 def flow_curves(
     df: pd.DataFrame,
     blocks: list[str] | None = None,
@@ -304,22 +305,16 @@ def flow_curves(
     """The study's main figure: per layer, the mean relative change (%) of the answer probability when a block
     is knocked out around that layer, one line per block with a `level` Student-t confidence band.
     Any table with ``block, layer, relative_change_pct`` works (e.g. your own ablations in ``block``)."""
-    _need(df, ["block", "layer", "relative_change_pct"], "flow")
-    if df.empty:
-        raise MMLensError("the flow table is empty (no sample kept); run more samples or pass all_samples=True")
-    blocks = _block_order(blocks or df["block"].unique())
-    summary = mean_ci(df, ["block", "layer"], "relative_change_pct", level)
-    fig = go.Figure()
-    _add_curves(fig, summary, "block", _block_styles(blocks), {}, "%", clip=FLOW_CLIP)
-    fig.add_hline(y=0, line_dash="dot", line_color="gray")
-    fig.update_layout(
-        title=f"{title}<br>{_subtitle(df, level)}",
+    fig = _curves_figure(
+        df, "block", "relative_change_pct", "flow", blocks, _block_styles, {}, "%", FLOW_CLIP, level,
+        empty="the flow table is empty (no sample kept); run more samples or pass all_samples=True",
+        title=title,
         xaxis_title=xaxis_title,
         yaxis_title="relative change in probability (%)",
         legend_title_text=legend_title,
-        template="plotly_white",
         hovermode="closest",
     )
+    fig.add_hline(y=0, line_dash="dot", line_color="gray")
     return fig
 
 
@@ -331,21 +326,14 @@ def lens_curves(
 ) -> go.Figure:
     """Per layer, the mean probability of each answer form (lower case / capitalised answer and false option)
     read through the final norm and unembedding, with a `level` t-interval band (clipped to [0, 1])."""
-    _need(df, ["form", "layer", "prob"], "lens")
-    if df.empty:
-        raise MMLensError("the lens table is empty; run the lens on at least one sample")
-    forms = list(forms or df["form"].unique())
-    summary = mean_ci(df, ["form", "layer"], "prob", level)
-    fig = go.Figure()
-    _add_curves(fig, summary, "form", _lens_styles(forms), LENS_LABELS, "", clip=(0.0, 1.0))
-    fig.update_layout(
-        title=f"{title}<br>{_subtitle(df, level)}",
+    return _curves_figure(
+        df, "form", "prob", "lens", forms, _lens_styles, LENS_LABELS, "", (0.0, 1.0), level,
+        empty="the lens table is empty; run the lens on at least one sample",
+        title=title,
         xaxis_title="layer",
         yaxis_title="probability of the first token",
         yaxis_range=[0, 1],
-        template="plotly_white",
     )
-    return fig
 
 
 def _by_task(tables) -> dict[str, pd.DataFrame]:
@@ -436,8 +424,6 @@ def patch_table(regions, values, patches=None, column: str | None = None, layer:
     the related (1) / other (0) mask. Rectangles come from ``patches.footprints`` (original image pixels, a
     `mm_lens.patches.PatchSets`) when given, else from ``regions.patch_box`` (processed tile pixels).
     """
-    import numpy as np
-
     if isinstance(values, str):
         if values != "related":
             raise MMLensError(f"values={values!r}: pass a mapping position -> value, a table, or 'related'")
@@ -461,23 +447,22 @@ def patch_table(regions, values, patches=None, column: str | None = None, layer:
         if column is None:
             column = next((c for c in ("value", "attention", "mass") if c in part.columns), None)
         if column is None or column not in part.columns:
-            raise MMLensError(f"values column {column!r} not in the table; pass column=... (one of {list(part.columns)})")
-        mapping = dict(zip(part["position"].astype(int), part[column].astype(float)))
+            raise MMLensError(
+                f"values column {column!r} not in the table; pass column=... (one of {list(part.columns)})"
+            )
+        mapping = dict(zip(part["position"].astype(int), part[column].astype(float), strict=True))
     else:
         mapping = {int(k): float(v) for k, v in dict(values).items()}
     rows = []
-    for i, pos in enumerate(regions.image_positions):
-        if regions.is_newline[i] or pos not in mapping:
+    for token in regions.image_tokens:
+        if token.is_newline or token.position not in mapping:
             continue
-        if patches is not None:
-            rect = patches.footprints.get(pos)
-        else:
-            rect = regions.patch_box[i] if i < len(regions.patch_box) else None
+        rect = patches.footprints.get(token.position) if patches is not None else token.box
         if rect is None:
             continue
         rows.append(
-            dict(position=pos, tile=regions.patch_tile[i], row=regions.patch_row[i], col=regions.patch_col[i],
-                 x0=rect[0], y0=rect[1], x1=rect[2], y1=rect[3], value=mapping[pos])
+            dict(position=token.position, tile=token.tile, row=token.row, col=token.col,
+                 x0=rect[0], y0=rect[1], x1=rect[2], y1=rect[3], value=mapping[token.position])
         )
     if not rows:
         raise MMLensError("none of the given positions is an image patch of this region map")
@@ -503,8 +488,6 @@ def patch_values_figure(
     """The image with its patches coloured by a per-patch value (a `patch_table`); hovering a patch shows its
     tile, row, column, sequence position and value. ``tiles``: "base" (tile 0, the whole image) or "anyres"
     (LLaVA-NeXT's high-resolution crops). The rectangles must be in the pixel frame of ``image``."""
-    import numpy as np
-
     _need(table, ["tile", "row", "col", "x0", "y0", "x1", "y1", "value", "position"], "patch")
     if tiles not in ("base", "anyres"):
         raise MMLensError(f"tiles={tiles!r} is not one of 'base', 'anyres'")
@@ -576,8 +559,6 @@ def attention_figure(
 ) -> go.Figure:
     """Heatmap of layers x (target <- source): the mean (over samples) share of a target region's attention on
     each source region, from a `mm_lens.attention.attention_mass` table (``layer, target, source, mass``)."""
-    import numpy as np
-
     _need(df, ["layer", "target", "source", "mass"], "attention")
     if df.empty:
         raise MMLensError("the attention table is empty; run attention_mass on at least one sample")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mm_lens.errors import MMLensError
-from mm_lens.regions import DEFAULT_INSTRUCTION, MultimodalInput, RegionMap, prepare
+from mm_lens.regions import DEFAULT_INSTRUCTION, ImageToken, MultimodalInput, RegionMap, prepare
 
 QUESTION = "Is the ball red or blue?"
 SIZES = [(32, 32), (48, 32), (32, 48), (64, 20), (20, 64), (64, 64)]  # (width, height)
@@ -197,10 +197,9 @@ def test_empty_question_is_an_error(tiny_llava, make_image):
 
 
 def test_region_map_lookup_helpers():
-    r = RegionMap(
-        seq_len=5, image_positions=[1, 2], patch_tile=[0, 0], patch_row=[0, 0], patch_col=[0, 1],
-        is_newline=[False, False], question=[3], last=4, spans={"Obj": [3]},
-    )
+    tokens = (ImageToken(1, tile=0, row=0, col=0, grid_row=0, grid_col=0),
+              ImageToken(2, tile=0, row=0, col=1, grid_row=0, grid_col=1))
+    r = RegionMap(seq_len=5, image_tokens=tokens, question=[3], last=4, spans={"Obj": [3]})
     assert r.positions(" obj ") == [3]
     assert r.image_token_index(2) == 1
     with pytest.raises(MMLensError, match="not an image token"):
