@@ -12,6 +12,8 @@ reads such tables, so a figure can be redrawn, restyled or combined across runs 
   `mm_lens.regions.RegionMap` (or a `mm_lens.patches.PatchSets`), `patch_values_figure` colours them over
   the image, `patches_figure` outlines the related patches.
 * attention: `attention_figure`, a layers x (target <- source) heatmap of an ``attention_mass`` table.
+* circuits: `patching_curves` / `patching_figure` (restoration per layer, one line per region and site, from a
+  ``patching`` table) and `head_figure` (a layer x head heatmap of a ``head_sweep`` table).
 
 A table missing a column is an `MMLensError` that names the column.
 """
@@ -596,4 +598,55 @@ def attention_figure(
     fig.update_layout(title=f"{title}{sub}", xaxis_title="target ← source", yaxis_title="layer",
                       yaxis=dict(dtick=1 if len(layers) <= 40 else None), template="plotly_white",
                       height=max(380, 18 * len(layers) + 200))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------ circuits
+
+
+def patching_figure(df: pd.DataFrame, title: str = "Activation patching: restoration per layer") -> go.Figure:
+    """Mean normalised restoration per layer, one line per (region, site); plain means, no bands."""
+    _need(df, ["region", "site", "layer", "restoration"], "patching")
+    lines = df.assign(line=df["region"].astype(str) + " @ " + df["site"].astype(str))
+    fig = _mean_lines(lines, "line", "restoration")
+    fig.add_hline(y=0, line_dash="dot", line_color="gray")
+    fig.update_layout(title=title, xaxis_title="layer patched", yaxis_title="restoration (0 = corrupted, 1 = clean)")
+    return fig
+
+
+def patching_curves(
+    df: pd.DataFrame, level: float = 0.95, title: str = "Activation patching: restoration per layer"
+) -> go.Figure:
+    """Per layer, the mean normalised restoration of the clean answer when the clean activation is patched in at
+    a region, one line per (region, site) with a `level` Student-t band over samples."""
+    _need(df, ["region", "site", "layer", "restoration"], "patching")
+    lines = df.assign(line=df["region"].astype(str) + " @ " + df["site"].astype(str))
+    lines = lines[np.isfinite(lines["restoration"].astype(float))]
+    fig = _curves_figure(
+        lines, "line", "restoration", "patching", None, _block_styles, {}, "", (-np.inf, np.inf), level,
+        empty="the patching table has no finite restoration (clean and corrupted runs agree everywhere)",
+        title=title, xaxis_title="layer patched", yaxis_title="restoration (0 = corrupted, 1 = clean)",
+        legend_title_text="region @ site", hovermode="closest",
+    )
+    fig.add_hline(y=0, line_dash="dot", line_color="gray")
+    fig.add_hline(y=1, line_dash="dot", line_color="gray")
+    return fig
+
+
+def head_figure(df: pd.DataFrame, title: str = "Knockout per attention head") -> go.Figure:
+    """Heatmap layer x head of the mean relative change (%) of the answer probability when the edge is blocked
+    in that one head (a `mm_lens.heads.head_sweep` table); hover shows the values."""
+    _need(df, ["layer", "head", "relative_change_pct"], "head sweep")
+    if df.empty:
+        raise MMLensError("the head-sweep table is empty; run head_sweep on at least one sample")
+    grid = df.groupby(["layer", "head"])["relative_change_pct"].mean().unstack("head").sort_index()
+    limit = float(np.nanmax(np.abs(grid.to_numpy()))) or 1.0
+    fig = go.Figure(go.Heatmap(
+        z=grid.to_numpy(), x=[str(h) for h in grid.columns], y=[str(layer) for layer in grid.index],
+        colorscale="RdBu", zmid=0, zmin=-limit, zmax=limit, colorbar_title="change (%)",
+        hovertemplate="layer %{y}, head %{x}<br>relative change %{z:.3g}%<extra></extra>",
+    ))
+    blocks = ", ".join(map(str, df["block"].unique())) if "block" in df.columns else ""
+    fig.update_layout(title=f"{title}{': ' + blocks if blocks else ''}", xaxis_title="head", yaxis_title="layer",
+                      template="plotly_white")
     return fig
