@@ -66,12 +66,6 @@ class ImageLensResult:
     k: int
 
 
-def _forward_args(inp: MultimodalInput) -> tuple[Tensor, dict[str, Tensor]]:
-    kwargs = dict(inp.model_kwargs())
-    input_ids = kwargs.pop("input_ids", inp.input_ids)
-    return input_ids, kwargs
-
-
 def _word_ids(tokenizer, words: Sequence[str] | Mapping[str, str] | None) -> dict[str, int]:
     """``{label: first token id}``; a list of words is labelled by the words themselves."""
     from mm_lens.lens import first_token_id
@@ -102,7 +96,7 @@ def image_resid(
 
         return keep
 
-    input_ids, kwargs = _forward_args(inp)
+    input_ids, kwargs = inp.forward_args()
     with torch.inference_mode():
         model.bridge.run_with_hooks(
             input_ids, fwd_hooks=[(name, keeper(name)) for name in dict.fromkeys(names)], logits_to_keep=1, **kwargs

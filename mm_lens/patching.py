@@ -48,7 +48,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mm_lens.data.gqa import Sample, SampleSkip, Skip, boxes_for, check_sample
+from mm_lens.types import Sample, SampleSkip, Skip, boxes_for, check_sample
+from mm_lens import hook_points
 from mm_lens.errors import MMLensError
 
 if TYPE_CHECKING:
@@ -68,16 +69,7 @@ LAYOUT_MISMATCH = "layout mismatch"  # skip kind of a pair whose two inputs cann
 
 def site_hook(layer: int, site: str) -> str:
     """TransformerLens hook name of a patching site: ``blocks.{layer}.hook_{site}``."""
-    return f"blocks.{layer}.hook_{site}"
-
-
-def _forward_args(inp: MultimodalInput) -> tuple[Tensor, dict[str, Tensor]]:
-    kwargs = dict(inp.model_kwargs())
-    input_ids = kwargs.pop("input_ids", inp.input_ids)
-    return input_ids, kwargs
-
-
-# ------------------------------------------------------------------------------------------ layout
+    return hook_points.site(layer, site)
 
 
 def layout_difference(clean: MultimodalInput, corrupt: MultimodalInput) -> str | None:
@@ -238,8 +230,8 @@ def patching_sweep(
 
     bridge = model.bridge
     wanted = {site_hook(layer, site) for layer in layer_list}
-    clean_ids, clean_kw = _forward_args(clean)
-    ids, kw = _forward_args(corrupt)
+    clean_ids, clean_kw = clean.forward_args()
+    ids, kw = corrupt.forward_args()
     with torch.inference_mode():
         logits, cache = bridge.run_with_cache(
             clean_ids, names_filter=lambda name: name in wanted, logits_to_keep=1, **clean_kw
