@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from mm_lens.errors import MMLensError
-from mm_lens.types import Sample, SampleSkip
+from mm_lens.types import Sample, SampleSkip, Skip
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -195,4 +195,18 @@ def each_sample(
         yield index, sample, result
 
 
-__all__ = ["ANALYSES", "ATTENTION", "FLOW", "HEADS", "IMAGE_LENS", "LENS", "PATCHING", "Analysis", "Process", "each_sample", "get_analysis"]
+def collect(
+    samples: Sequence[Sample], process: Process, progress: bool = True, desc: str = ""
+) -> tuple[list[pd.DataFrame], list[Skip]]:
+    """`each_sample` in memory: the tables of the analysed samples and the skips (with their reasons)."""
+    tables: list[pd.DataFrame] = []
+    skips: list[Skip] = []
+    for _, sample, result in each_sample(samples, process, progress=progress, desc=desc):
+        if isinstance(result, SampleSkip):
+            skips.append(result.record(str(sample.question_id)))
+        else:
+            tables.append(result)
+    return tables, skips
+
+
+__all__ = ["ANALYSES", "ATTENTION", "FLOW", "HEADS", "IMAGE_LENS", "LENS", "PATCHING", "Analysis", "Process", "collect", "each_sample", "get_analysis"]

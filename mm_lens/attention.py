@@ -24,9 +24,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mm_lens import hook_points
-from mm_lens.analyses import ATTENTION, each_sample
+from mm_lens.analyses import ATTENTION, collect
 from mm_lens.errors import MMLensError
-from mm_lens.types import Sample, SampleSkip, Skip
+from mm_lens.types import Sample, Skip
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -208,13 +208,9 @@ def attention_samples(
     """`attention_sample` for every sample; unreadable samples are skipped with reasons (`mm_lens.runs.
     attention_run` does the same resumably)."""
     samples = list(samples)
-    tables, skips = [], []
-    process = lambda sample: attention_sample(model, sample, load_image, targets, sources, protocol)  # noqa: E731
-    for _, sample, result in each_sample(samples, process, progress=progress, desc="attention"):
-        if isinstance(result, SampleSkip):
-            skips.append(result.record(str(sample.question_id)))
-        else:
-            tables.append(result)
+    tables, skips = collect(
+        samples, lambda s: attention_sample(model, s, load_image, targets, sources, protocol), progress, "attention"
+    )
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=ATTENTION_COLUMNS)
     return AttentionResult(table=table[ATTENTION_COLUMNS], n_samples=len(samples), skips=skips)
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from mm_lens.types import Sample, SampleSkip, Skip
 from mm_lens import hook_points
-from mm_lens.analyses import LENS, each_sample
+from mm_lens.analyses import LENS, collect
 from mm_lens.errors import MMLensError
 
 if TYPE_CHECKING:
@@ -162,12 +162,8 @@ def lens_samples(
     `load_image` may raise `SampleSkip` (missing image): that sample is skipped with its reason.
     """
     samples = list(samples)
-    tables, skips = [], []
-    process = lambda sample: lens_sample(model, sample, load_image, protocol, all_samples, readout)  # noqa: E731
-    for _, sample, result in each_sample(samples, process, progress=progress, desc="lens"):
-        if isinstance(result, SampleSkip):
-            skips.append(result.record(str(sample.question_id)))
-        else:
-            tables.append(result)
+    tables, skips = collect(
+        samples, lambda s: lens_sample(model, s, load_image, protocol, all_samples, readout), progress, "lens"
+    )
     table = pd.concat(tables, ignore_index=True)[LENS_COLUMNS] if tables else pd.DataFrame(columns=LENS_COLUMNS)
     return LensResult(table=table, n_samples=len(samples), skips=skips)

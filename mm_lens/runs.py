@@ -116,9 +116,10 @@ def _image_loader(images: str | Path) -> tuple[Path, Callable[[Sample], Any]]:
 class RunSpec:
     """What a resumable run needs besides its analysis: where, on what, how, and the analysis's own parts.
 
-    `resolve` gives the run's `RunProtocol` (called after the dataset and images are checked); `options` the
-    analysis's options given it (recorded in the configuration); `make_process` the per-sample step given the
-    loaded model, the image loader and the protocol; `check_model` validates options against the loaded model.
+    `options` gives the analysis's options (recorded in the configuration) given the resolved `RunProtocol`;
+    `make_process` the per-sample step given the loaded model, the image loader and the protocol; `check_model`
+    validates options against the loaded model. `protocol`, `window`, `readout` are resolved by `run_analysis`
+    after the dataset and images are checked.
     """
 
     out: str | Path
@@ -126,7 +127,6 @@ class RunSpec:
     dataset: str | Path
     images: str | Path
     make_process: Callable[[Any, Callable[[Sample], Any], Any], Process]
-    resolve: Callable[[], Any]
     options: Callable[[Any], dict[str, Any]] = lambda resolved: {}
     check_model: Callable[[Any, Any], None] = lambda model, resolved: None
     limit: int | None = None
@@ -136,6 +136,9 @@ class RunSpec:
     shard: Shard | str | None = None
     retry_skips: bool = False
     progress: bool = True
+    protocol: str | None = "auto"
+    window: int | None = None  # flow: None = the protocol's
+    readout: str | None = None  # lens: None = the protocol's
 
 
 def run_analysis(analysis: str | Analysis, spec: RunSpec) -> RunSummary:
@@ -158,7 +161,9 @@ def run_analysis(analysis: str | Analysis, spec: RunSpec) -> RunSummary:
     dtype = spec.dtype
     if dtype is not None:
         _dtype_name(dtype)  # a bad --dtype fails before the checkpoint is read
-    protocol = spec.resolve()
+    protocol = resolve_run_protocol(
+        spec.model, spec.protocol, dtype, device, window=spec.window, readout=spec.readout, command=command
+    )
     if protocol is not None and dtype is None:
         dtype = protocol.dtype
     config = run_config(
@@ -302,9 +307,6 @@ def flow_run(
     get_engine(engine)
     if window is not None and (not isinstance(window, int) or window < 1):
         raise MMLensError(f"window {window!r} must be a positive number of layers")
-    def resolve():
-        return resolve_run_protocol(model, protocol, dtype, device, window=window, command="flow")
-
     def options(resolved):
         return {"blocks": [str(b) for b in parsed], "window": resolved.window, "engine": engine,
                 "all_samples": all_samples}
@@ -317,8 +319,8 @@ def flow_run(
         layer_window(0, resolved.window, model_.n_layers)
 
     return run_analysis("flow", RunSpec(
-        out, model, dataset, images, make_process, resolve, options, check_model, limit, dtype, device, device_map,
-        shard, retry_skips, progress,
+        out, model, dataset, images, make_process, options, check_model, window=window, limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
+        progress=progress, protocol=protocol,
     ))
 
 
@@ -345,9 +347,6 @@ def lens_run(
     """
     from mm_lens.lens import lens_sample
 
-    def resolve():
-        return resolve_run_protocol(model, protocol, dtype, device, readout=readout, command="lens")
-
     def make_process(model_, load_image, resolved):
         proto = resolved.protocol
         return lambda sample: lens_sample(model_, sample, load_image, proto, all_samples, resolved.readout)
@@ -356,8 +355,8 @@ def lens_run(
         return {"all_samples": all_samples} if all_samples else {}
 
     return run_analysis("lens", RunSpec(
-        out, model, dataset, images, make_process, resolve, options, limit=limit, dtype=dtype, device=device,
-        device_map=device_map, shard=shard, retry_skips=retry_skips, progress=progress,
+        out, model, dataset, images, make_process, options, readout=readout, limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
+        progress=progress, protocol=protocol,
     ))
 
 
@@ -382,9 +381,6 @@ def attention_run(
 
     targets, sources = list(targets or DEFAULT_TARGETS), list(sources or DEFAULT_SOURCES)
 
-    def resolve():
-        return resolve_run_protocol(model, protocol, dtype, device, command="attention")
-
     def options(resolved):
         return {"targets": targets, "sources": sources}
 
@@ -393,8 +389,8 @@ def attention_run(
         return lambda sample: attention_sample(model_, sample, load_image, targets, sources, proto)
 
     return run_analysis("attention", RunSpec(
-        out, model, dataset, images, make_process, resolve, options, limit=limit, dtype=dtype, device=device,
-        device_map=device_map, shard=shard, retry_skips=retry_skips, progress=progress,
+        out, model, dataset, images, make_process, options, limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
+        progress=progress, protocol=protocol,
     ))
 
 
@@ -430,9 +426,6 @@ def patching_run(
         raise MMLensError(f"--pairs {pairs!r} is not known; choose one of {', '.join(PAIR_MODES)}")
     by_id = {str(p.sample.question_id): p for p in counterfactual_pairs(_samples(dataset, limit), pairs)}
 
-    def resolve():
-        return resolve_run_protocol(model, protocol, dtype, device, command="patching")
-
     def options(resolved):
         return {"regions": regions, "site": site, "pairs": pairs}
 
@@ -449,8 +442,8 @@ def patching_run(
         return process
 
     return run_analysis("patching", RunSpec(
-        out, model, dataset, images, make_process, resolve, options, limit=limit, dtype=dtype, device=device,
-        device_map=device_map, shard=shard, retry_skips=retry_skips, progress=progress,
+        out, model, dataset, images, make_process, options, limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
+        progress=progress, protocol=protocol,
     ))
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
-from mm_lens.analyses import FLOW, each_sample
+from mm_lens.analyses import FLOW, collect
 from mm_lens.types import Sample, SampleSkip, Skip, boxes_for, check_sample
 from mm_lens.engines import CleanPass, Engine, clean_pass, get_engine
 from mm_lens.errors import MMLensError
@@ -264,14 +264,11 @@ def flow_samples(
     window = protocol.window(model.n_layers) if window is None else window
     layer_window(0, window, model.n_layers)  # a bad window fails before any sample is run
     samples = list(samples)
-    tables, skips, n_wrong = [], [], 0
-    process = lambda sample: flow_sample(model, sample, load_image, parsed, window, all_samples, engine, protocol)  # noqa: E731
-    for _, sample, result in each_sample(samples, process, progress=progress, desc="flow"):
-        if isinstance(result, SampleSkip):
-            skips.append(result.record(str(sample.question_id)))
-            n_wrong += result.kind == WRONG_ANSWER
-        else:
-            tables.append(result)
+    tables, skips = collect(
+        samples, lambda s: flow_sample(model, s, load_image, parsed, window, all_samples, engine, protocol),
+        progress, "flow",
+    )
+    n_wrong = sum(skip.kind == WRONG_ANSWER for skip in skips)
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=FLOW_COLUMNS)
     return FlowResult(table=table, n_samples=len(samples), n_wrong=n_wrong, skips=skips)
 
