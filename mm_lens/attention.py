@@ -151,7 +151,7 @@ def image_attention(
         raise MMLensError("the input has no image tokens")
     layer_list = _layers(model, layers)
 
-    def reduce(pattern: Float[Tensor, "head q_pos k_pos"]) -> Float[Tensor, "image"]:
+    def reduce(pattern: Float[Tensor, "head q_pos k_pos"]) -> Float[Tensor, " image"]:
         return pattern.mean(0)[target_pos][:, image_pos].mean(0)
 
     weights = _run_patterns(model, inp, layer_list, reduce)

@@ -111,7 +111,7 @@ def run_demo(out_dir: str | Path = "results/demo", n_per_task: int = 30, model_p
     readings = {"flow": f"Analysed per task (answered right, with usable boxes): {acc}. Knockout window: {k} of "
                         f"{n_layers} layers. " + " ".join(flow_readings(flow_all, n_layers, k).values()),
                 "lens": lens_reading(lens_all)}
-    for task, df in zip(summary, flows):
+    for task, df in zip(summary, flows, strict=False):
         if len(df):
             readings[f"flow/{task}"] = " ".join(flow_readings(df, n_layers, k).values())
     (out / "summary.json").write_text(json.dumps(

@@ -84,7 +84,7 @@ def head_sweep(
     rows = []
     for head in heads:
         probs = run(model, inp, [parsed], windows, token, clean=clean, heads=[head])[0]
-        for layer, p in zip(layers, probs.tolist()):
+        for layer, p in zip(layers, probs.tolist(), strict=False):
             rows.append({
                 "question_id": str(question_id), "block": str(parsed), "layer": layer, "head": head,
                 "base_prob": base, "knockout_prob": p,

@@ -24,10 +24,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mm_lens.types import Sample, SampleSkip, Skip
 from mm_lens import hook_points
 from mm_lens.analyses import LENS, collect
 from mm_lens.errors import MMLensError
+from mm_lens.types import Sample, SampleSkip, Skip
 
 if TYPE_CHECKING:
     from PIL.Image import Image

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -180,8 +181,8 @@ def load(
     large model over several GPUs and is exclusive with ``device``. ``dtype`` None is the auto protocol's:
     float16 for the study's model families on CUDA, float32 otherwise.
     """
-    from transformers import AutoConfig, AutoProcessor
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoConfig, AutoProcessor
 
     name = os.fspath(path_or_hub_id)
     torch_dtype = None if dtype is None else _resolve_dtype(dtype)

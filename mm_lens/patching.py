@@ -48,9 +48,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mm_lens.types import Sample, SampleSkip, Skip, boxes_for, check_sample
 from mm_lens import hook_points
 from mm_lens.errors import MMLensError
+from mm_lens.types import Sample, SampleSkip, Skip, boxes_for, check_sample
 
 if TYPE_CHECKING:
     from PIL.Image import Image

@@ -34,10 +34,9 @@ language model, a 336 px / patch-14 CLIP tower and a Vicuna/Llama-2 or Llama-3 v
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch

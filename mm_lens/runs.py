@@ -233,7 +233,9 @@ class RunProtocol:
 
     def line(self) -> str:
         """One line saying what was resolved, for the terminal."""
-        parts = [f"protocol {self.protocol.name}", f"template {self.record['template']}", f"dtype {_dtype_name(self.dtype)}"]
+        parts = [
+            f"protocol {self.protocol.name}", f"template {self.record['template']}", f"dtype {_dtype_name(self.dtype)}"
+        ]
         if self.window is not None:
             parts.append(f"window {self.window} of {self.n_layers} layers")
         if self.readout is not None:
@@ -319,7 +321,8 @@ def flow_run(
         layer_window(0, resolved.window, model_.n_layers)
 
     return run_analysis("flow", RunSpec(
-        out, model, dataset, images, make_process, options, check_model, window=window, limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
+        out, model, dataset, images, make_process, options, check_model, window=window,
+        limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
         progress=progress, protocol=protocol,
     ))
 
@@ -355,7 +358,8 @@ def lens_run(
         return {"all_samples": all_samples} if all_samples else {}
 
     return run_analysis("lens", RunSpec(
-        out, model, dataset, images, make_process, options, readout=readout, limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
+        out, model, dataset, images, make_process, options, readout=readout,
+        limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
         progress=progress, protocol=protocol,
     ))
 
@@ -389,7 +393,8 @@ def attention_run(
         return lambda sample: attention_sample(model_, sample, load_image, targets, sources, proto)
 
     return run_analysis("attention", RunSpec(
-        out, model, dataset, images, make_process, options, limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
+        out, model, dataset, images, make_process, options,
+        limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
         progress=progress, protocol=protocol,
     ))
 
@@ -442,7 +447,8 @@ def patching_run(
         return process
 
     return run_analysis("patching", RunSpec(
-        out, model, dataset, images, make_process, options, limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
+        out, model, dataset, images, make_process, options,
+        limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
         progress=progress, protocol=protocol,
     ))
 

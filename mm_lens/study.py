@@ -9,8 +9,9 @@ same command resumes; ``--shard i/n`` splits every task's samples like ``mm-lens
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mm_lens.errors import MMLensError
 from mm_lens.knockout import STANDARD_BLOCKS

@@ -17,13 +17,13 @@ import pandas as pd
 import torch
 
 from mm_lens.analyses import FLOW, collect
-from mm_lens.types import Sample, SampleSkip, Skip, boxes_for, check_sample
 from mm_lens.engines import CleanPass, Engine, clean_pass, get_engine
 from mm_lens.errors import MMLensError
 from mm_lens.knockout import Edge, parse_edge
 from mm_lens.protocol import CHECKPOINT_ANSWER, AnswerRule, Protocol, resolve_protocol, vocab_softmax
 from mm_lens.regions import ALIASES, CENTRAL_OBJECT, FALSE_OPTION, SPAN_NAMES, TRUE_OPTION
 from mm_lens.regions import PATCH_REGIONS as _PATCHES
+from mm_lens.types import Sample, SampleSkip, Skip, boxes_for, check_sample
 
 if TYPE_CHECKING:
     from PIL.Image import Image

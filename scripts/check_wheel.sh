@@ -27,7 +27,13 @@ unset PYTHONPATH
 export HF_HUB_OFFLINE=1
 start=$SECONDS
 step() { printf '[check_wheel %4ds] %s\n' $((SECONDS - start)) "$*"; }
-quiet_pip() { "$@" 2>&1 | grep -v "^WARNING: Location 'file:" || true; return "${PIPESTATUS[0]}"; }
+# Runs a pip command, printing its output less the local index's "Location ... is ignored" warnings.
+quiet_pip() {
+    local status=0
+    "$@" >"$work/pip.log" 2>&1 || status=$?
+    grep -v "^WARNING: Location 'file:" "$work/pip.log" || true
+    return "$status"
+}
 
 step "clean checkout of $(git -C "$repo" rev-parse --short HEAD) (git archive)"
 mkdir "$work/src"
@@ -36,7 +42,7 @@ git -C "$repo" archive HEAD | tar -x -C "$work/src"
 step "build sdist and wheel (python -m build: the wheel is built from the sdist)"
 "$python" -m venv "$work/build-env"
 quiet_pip "$work/build-env/bin/python" -m pip install -q "build>=1.2"
-quiet_pip "$work/build-env/bin/python" -m build -q --outdir "$work/dist" "$work/src" >/dev/null
+quiet_pip "$work/build-env/bin/python" -m build -q --outdir "$work/dist" "$work/src"
 wheel=$(ls "$work"/dist/*.whl)
 step "$(basename "$wheel"): $(du -h "$wheel" | cut -f1); toy checkpoint files in it:"
 "$work/build-env/bin/python" - "$wheel" <<'EOF'

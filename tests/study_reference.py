@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,7 +107,7 @@ def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE
     prompt_chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
 
     def insert_separator(X, sep):
-        return [ele for sublist in zip(X, [sep] * len(X)) for ele in sublist][:-1]
+        return [ele for sublist in zip(X, [sep] * len(X), strict=False) for ele in sublist][:-1]
 
     input_ids = []
     offset = 0
@@ -673,7 +673,7 @@ def _block_mask(q_length: int, num_tokens: int, from_to_index, dtype) -> torch.T
     (target row, source column) entries zeroed, then additive: (1 - m) * finfo.min."""
     attn_mask = torch.tril(torch.ones((q_length, num_tokens), dtype=torch.uint8))
     if from_to_index:
-        rows, cols = zip(*from_to_index)
+        rows, cols = zip(*from_to_index, strict=False)
         attn_mask[list(rows), list(cols)] = 0
     attn_mask = attn_mask.repeat(1, 1, 1, 1).to(dtype=dtype)
     return (1.0 - attn_mask) * torch.finfo(dtype).min
@@ -795,7 +795,7 @@ def knockout_prob(sm: StudyModel, inp: StudyInput, block: str, layer: int, windo
     """``trace_with_attn_block_llava``: every (target, source) pair of the block blocked in the window's layers."""
     sources, targets = block_positions(inp, block)
     pairs = [(stok1, stok0) for stok0 in sources for stok1 in targets]
-    config = {l: list(pairs) for l in window_layers(layer, window, sm.n_layers)}
+    config = {lay: list(pairs) for lay in window_layers(layer, window, sm.n_layers)}
     return float(vocab_probs(sm, last_logits(sm, inp, config))[token])
 
 

@@ -94,11 +94,11 @@ def test_every_bad_row_is_skipped_with_its_reason_and_counted(tiny_llava_path, b
     table = pd.read_csv(tmp_path / "flow.csv", dtype={"question_id": str})
     assert set(table.question_id) == {"q_ok", "q_tiny", "q_option", "q_unicode"}  # a 1x1 px image is processed
     skips = pd.read_csv(tmp_path / "flow.skips.csv", dtype=str)
-    assert dict(zip(skips.question_id, skips.kind)) == EXPECTED_SKIPS
+    assert dict(zip(skips.question_id, skips.kind, strict=False)) == EXPECTED_SKIPS
     assert "4 of 12 sample(s) analysed" in err and "8 sample(s) skipped" in err
     counts = {line.split(None, 1)[1]: int(line.split()[0]) for line in err.splitlines() if line[:1] == " "}
     assert counts["image unreadable"] == 2 and counts["malformed box"] == 2 and counts["image too large"] == 1
-    reasons = dict(zip(skips.question_id, skips.reason))
+    reasons = dict(zip(skips.question_id, skips.reason, strict=False))
     assert "above PIL's decompression-bomb limit" in reasons["q_huge"] and "10000x10000" in reasons["q_huge"]
     assert "non-positive size" in reasons["q_neg"]
     assert "Traceback" not in err
@@ -138,7 +138,7 @@ def test_option_missing_from_row_or_question_is_a_recorded_skip(tiny_llava_path,
     csv_path = write_csv(tmp_path / "options.csv", rows)
     assert main(flow(tiny_llava_path, csv_path, images, tmp_path / "o", "--block", "True Option->Last")) == 0
     skips = pd.read_csv(tmp_path / "o" / "flow.skips.csv", dtype=str)
-    assert dict(zip(skips.question_id, skips.kind)) == {
+    assert dict(zip(skips.question_id, skips.kind, strict=False)) == {
         "q_absent": "True Option not in question",
         "q_none": "no True Option",
     }

@@ -141,7 +141,7 @@ def write_results(folder: Path) -> None:
                     lens.append(dict(question_id=f"q{q}", layer=layer, form=form,
                                      prob=float(np.clip(base * layer / 5 + rng.normal(0, 0.05), 0, 1))))
                 for target in ("Question", "Last"):
-                    for source, m in zip(("Image", "Question", "Rest"), rng.dirichlet([2, 1, 1])):
+                    for source, m in zip(("Image", "Question", "Rest"), rng.dirichlet([2, 1, 1]), strict=False):
                         att.append(dict(question_id=f"q{q}", layer=layer, target=target, source=source, mass=m))
         pd.DataFrame(flow).to_csv(folder / task / "flow.csv", index=False)
         pd.DataFrame(lens).to_csv(folder / task / "lens.csv", index=False)

@@ -35,7 +35,7 @@ def test_every_row_of_every_task_loads(task):
     samples = load_task(task)
     raw = _raw_rows(task)
     assert len(samples) == ROW_COUNTS[task] == len(raw)
-    for s, r in zip(samples, raw):
+    for s, r in zip(samples, raw, strict=False):
         assert s.task == task
         assert s.question_id == r["question_id"]  # kept as text: leading zeros survive
         assert s.img_id == r["img_id"] and s.question == r["question"] and s.answer == r["answer"]
@@ -120,7 +120,7 @@ HEADER = ["question_id", "img_id", "question", "answer", "image_w", "image_h",
 def test_missing_column_names_column_and_file(tmp_path, column):
     header = [c for c in HEADER if c != column]
     row = ["007", "1", "Is it red?", "yes", "10", "10", "ball", "1", "1", "2", "2"]
-    row = [v for c, v in zip(HEADER, row) if c != column]
+    row = [v for c, v in zip(HEADER, row, strict=False) if c != column]
     path = _write(tmp_path / "broken.csv", header, [row])
     with pytest.raises(MMLensError, match=f"broken.csv is missing required column '{column}'"):
         load_task(path)

@@ -8,11 +8,15 @@ import torch
 from mm_lens.errors import MMLensError
 from mm_lens.knockout import (
     REGION_NAMES,
-    Edge as Block,
     block_hooks,
     hook_name,
     knockout_hook,
     knockout_hooks,
+)
+from mm_lens.knockout import (
+    Edge as Block,
+)
+from mm_lens.knockout import (
     parse_edge as parse_block,
 )
 

@@ -30,7 +30,7 @@ def coords(regions, positions) -> set[tuple[int, int, int]]:
 
 
 def patch_positions(regions) -> list[int]:
-    return [p for p, nl, box in zip(regions.image_positions, regions.is_newline, regions.patch_box) if not nl and box]
+    return [p for p, nl, box in zip(regions.image_positions, regions.is_newline, regions.patch_box, strict=False) if not nl and box]
 
 
 def check_partition(regions, found: patches.PatchSets) -> None:
@@ -38,7 +38,7 @@ def check_partition(regions, found: patches.PatchSets) -> None:
     related, other, padding = set(found.related), set(found.other), set(found.padding)
     assert not related & other and not related & padding and not other & padding
     assert related | other | padding == set(patch_positions(regions))
-    newlines = {p for p, nl in zip(regions.image_positions, regions.is_newline) if nl}
+    newlines = {p for p, nl in zip(regions.image_positions, regions.is_newline, strict=False) if nl}
     assert not newlines & (related | other)
 
 
@@ -301,7 +301,7 @@ def test_task_rows_map_to_patches(task, real_llava, tiny_llava_next):
         else:
             check_partition(llava_regions, found)
             assert found.related and set(where) != {"out"}, (s.question_id, where)
-            assert all(w != "in" for b, w in zip(s.boxes, where) if b in found.lost_boxes)
+            assert all(w != "in" for b, w in zip(s.boxes, where, strict=False) if b in found.lost_boxes)
         # LLaVA-NeXT (tiny): the base tile shows the whole image, so every box is seen.
         inp = prepare(tiny_llava_next, image, s.question, boxes=s.boxes)
         assert inp.regions.related, s.question_id

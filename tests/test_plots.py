@@ -96,7 +96,7 @@ def test_flow_curves_mean_and_band_per_block_in_study_order():
     lines, bands = traces(fig), traces(fig, "band")
     assert [t.name for t in lines] == ["Image->Question", "Last->Last"]  # STUDY_BLOCKS order, not table order
     summary = plots.mean_ci(df, ["block", "layer"], "relative_change_pct")
-    for line, band in zip(lines, bands):
+    for line, band in zip(lines, bands, strict=False):
         part = summary[summary.block == line.name].sort_values("layer")
         np.testing.assert_allclose(line.y, part["mean"])
         np.testing.assert_allclose(band.y, np.concatenate([part["hi"], part["lo"][::-1]]))
@@ -236,7 +236,7 @@ def attention_table(n_samples=3, n_layers=3, seed=0):
         for layer in range(n_layers):
             for target in ("Question", "Last"):
                 shares = rng.dirichlet([1, 1, 1])
-                for source, m in zip(("Image", "Question", "Rest"), shares):
+                for source, m in zip(("Image", "Question", "Rest"), shares, strict=False):
                     rows.append(dict(question_id=f"q{q}", layer=layer, target=target, source=source, mass=m))
     return pd.DataFrame(rows)
 

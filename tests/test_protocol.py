@@ -124,7 +124,7 @@ def test_next_regions_split_base_and_hd_tiles(study_next_vicuna, make_image):
     base, hd = regions.positions("Base Image"), regions.positions("HD Image")
     assert len(base) == 576 and sorted(base + hd) == regions.positions("Image")
     assert regions.positions("Image Original Patch") == base  # the study's name
-    newlines = {p for p, n in zip(regions.image_positions, regions.is_newline) if n}
+    newlines = {p for p, n in zip(regions.image_positions, regions.is_newline, strict=False) if n}
     assert newlines and newlines <= set(hd)  # the study counts the row separators in the HD part
     related, other = regions.positions("Related Image Patches"), regions.positions("Other Image Patches")
     assert set(related) | set(other) | newlines == set(regions.image_positions)
@@ -246,7 +246,7 @@ def test_study_lens_keeps_correct_samples_only(study_llava15, study_llava15_path
                  "--out", str(out)]) == 0
     assert set(pd.read_csv(out / "lens.csv", dtype={"question_id": str}).question_id) == {"a"}
     skips = pd.read_csv(out / "lens.skips.csv", dtype=str)
-    assert dict(zip(skips.question_id, skips.kind)) == {"b": "wrong answer"}
+    assert dict(zip(skips.question_id, skips.kind, strict=False)) == {"b": "wrong answer"}
 
 
 def test_study_command_runs_every_task_and_writes_the_report(study_llava15_path, tmp_path, make_image):

@@ -26,7 +26,7 @@ def write_tables(folder, seed=0, n_samples=3, n_layers=4, attention=True, task=N
             for form in ("answer_lower", "answer_capitalized"):
                 lens.append(dict(question_id=f"q{q}", layer=layer, form=form, prob=float(rng.uniform())))
             for target in ("Question", "Last"):
-                for source, m in zip(("Image", "Question", "Rest"), rng.dirichlet([1, 1, 1])):
+                for source, m in zip(("Image", "Question", "Rest"), rng.dirichlet([1, 1, 1]), strict=False):
                     att.append(dict(question_id=f"q{q}", layer=layer, target=target, source=source, mass=m))
     frames = {"flow": pd.DataFrame(flow), "lens": pd.DataFrame(lens), "attention": pd.DataFrame(att)}
     for kind, df in frames.items():

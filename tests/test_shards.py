@@ -63,7 +63,7 @@ def sharded(tiny_llava_path, six_samples, tmp_path_factory):
         for i in range(2)
     ]
     results = [p.communicate(timeout=600) for p in procs]
-    for proc, (_, err) in zip(procs, results):
+    for proc, (_, err) in zip(procs, results, strict=False):
         assert proc.returncode == 0, err
     assert main(flow_argv(tiny_llava_path, csv_path, images, single)) == 0
     return out, single, [err for _, err in results]

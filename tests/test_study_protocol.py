@@ -219,7 +219,7 @@ def test_tokens_pixels_and_positions_match_the_study(pair, size):
         got_ids = inp.input_ids[0].tolist()
         want_ids = ref.input_ids[0].tolist()
         if got_ids != want_ids:
-            first = next((j for j, (a, b) in enumerate(zip(got_ids, want_ids)) if a != b), min(len(got_ids), len(want_ids)))
+            first = next((j for j, (a, b) in enumerate(zip(got_ids, want_ids, strict=False)) if a != b), min(len(got_ids), len(want_ids)))
             tok = ref_model.tokenizer
             pytest.fail(
                 f"{kind} {size} {question!r}: input ids differ (mm-lens {len(got_ids)}, study {len(want_ids)} tokens) "
@@ -300,7 +300,7 @@ def test_knockout_sweep_matches_the_study(pair, computed, engine):
     assert list(table.columns) == ["question_id", "block", "layer", "base_prob", "knockout_prob", "relative_change_pct"]
     got_blocks = list(dict.fromkeys(table["block"]))
     assert len(got_blocks) == len(blocks), f"{kind}: blocks {got_blocks} for {blocks}"
-    for block, got_name in zip(blocks, got_blocks):
+    for block, got_name in zip(blocks, got_blocks, strict=False):
         rows = table[table["block"] == got_name].sort_values("layer")
         ref_rows = want[block]
         assert rows["layer"].tolist() == [r["layer"] for r in ref_rows] == list(range(ref_model.n_layers))
@@ -440,7 +440,7 @@ def test_cli_flow_and_lens_with_the_study_protocol(request, tmp_path, kind):
         got_q, want_q = flow[flow["question_id"] == qid], want[want["question_id"] == qid]
         got_blocks = list(dict.fromkeys(got_q["block"]))
         assert len(got_blocks) == len(CLI_BLOCKS), f"{qid}: blocks {got_blocks}"
-        for block, got_name in zip(CLI_BLOCKS, got_blocks):
+        for block, got_name in zip(CLI_BLOCKS, got_blocks, strict=False):
             g = got_q[got_q["block"] == got_name].sort_values("layer")
             s = want_q[want_q["block"] == block].sort_values("layer")
             assert g["layer"].tolist() == s["layer"].tolist()

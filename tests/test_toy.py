@@ -11,7 +11,6 @@ from mm_lens.data.gqa import TASKS, load_task, open_image
 from mm_lens.toy import world
 
 
-
 @pytest.fixture(scope="session")
 def toy():
     from mm_lens.demo import toy_model_path

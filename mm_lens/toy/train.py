@@ -149,7 +149,7 @@ def make_batch(processor, samples) -> Batch:
     input_ids = torch.full((B, L), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((B, L), dtype=torch.long)
     ans_pos, ans_ids, noun_index, noun_t, patch_t = [], [], [], [], []
-    for b, ((objs, q), row) in enumerate(zip(samples, ids)):
+    for b, ((objs, q), row) in enumerate(zip(samples, ids, strict=False)):
         a = tok.convert_tokens_to_ids(q.answer.capitalize())
         full = list(row) + [a, tok.eos_token_id]
         input_ids[b, : len(full)] = torch.tensor(full)
@@ -210,7 +210,7 @@ def evaluate(model, processor, held_out) -> dict[str, float]:
         b = make_batch(processor, held_out[i: i + 64])
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values).logits
         pred = logits[torch.arange(len(b.tasks)), b.answer_pos].argmax(-1)
-        for t, p, a in zip(b.tasks, pred.tolist(), b.answer_ids.tolist()):
+        for t, p, a in zip(b.tasks, pred.tolist(), b.answer_ids.tolist(), strict=False):
             correct[t].append(p == a)
     model.train()
     return {t: float(np.mean(v)) for t, v in correct.items()}
