@@ -209,4 +209,7 @@ def collect(
     return tables, skips
 
 
-__all__ = ["ANALYSES", "ATTENTION", "FLOW", "HEADS", "IMAGE_LENS", "LENS", "PATCHING", "Analysis", "Process", "collect", "each_sample", "get_analysis"]
+__all__ = [
+    "ANALYSES", "ATTENTION", "FLOW", "HEADS", "IMAGE_LENS", "LENS", "PATCHING", "Analysis", "Process", "collect",
+    "each_sample", "get_analysis",
+]

@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train-toy", help="train the toy LLaVA on the shapes world (CPU, about 40 minutes)")
     train.add_argument("--out", default="assets/toy-llava", help="checkpoint folder (default: assets/toy-llava)")
     train.add_argument("--minutes", type=float, default=78,
-                       help="wall-clock budget in minutes (default 78; stops early once every held-out answer is right)")
+                       help="wall-clock budget in minutes (default 78; "
+                            "stops early once every held-out answer is right)")
     train.add_argument("--init-from", default=None, help="continue from this checkpoint's weights")
     train.set_defaults(func=cmd_train_toy)
     return parser

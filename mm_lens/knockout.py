@@ -239,7 +239,8 @@ def block_hooks(
     layers: Iterable[int],
     heads: Sequence[int] | None = None,
 ) -> list[tuple[str, HookFn]]:
-    """Hooks knocking out one named edge (the study's "block"; or several together) at `layers` (`heads`: only those)."""
+    """Hooks knocking out one named edge (the study's "block"; or several together) at `layers`
+    (`heads`: only those)."""
     blocks = [block] if isinstance(block, (str, Edge)) else list(block)
     edges = [edge_positions(regions, b) for b in blocks]
     return knockout_hooks(edges, layers, names=[str(b) for b in blocks], heads=heads)

@@ -257,7 +257,9 @@ class Protocol:
     ) -> Encoding:
         raise NotImplementedError
 
-    def patch_sets(self, model: HookedLlava, image: Image, regions: Any, boxes: Sequence[Any]) -> tuple[list[int], list[int]]:
+    def patch_sets(
+        self, model: HookedLlava, image: Image, regions: Any, boxes: Sequence[Any]
+    ) -> tuple[list[int], list[int]]:
         raise NotImplementedError
 
 
@@ -360,7 +362,11 @@ CHECKPOINT = CheckpointProtocol(
 def resolve_protocol(protocol: str | Protocol | None, model: HookedLlava) -> Protocol:
     """The `Protocol` a name means for `model` (``auto``: the study's for its families, else the checkpoint's)."""
     if isinstance(protocol, Protocol):
-        return protocol.for_model(model) if isinstance(protocol, StudyProtocol) and protocol.conversation is None else protocol
+        return (
+            protocol.for_model(model)
+            if isinstance(protocol, StudyProtocol) and protocol.conversation is None
+            else protocol
+        )
     name = "auto" if protocol is None else str(protocol).strip().lower()
     if name not in PROTOCOL_NAMES:
         raise MMLensError(f"protocol {protocol!r} is not known; use one of {', '.join(PROTOCOL_NAMES)}")
@@ -452,7 +458,9 @@ def tokenizer_image_token(tokenizer: Any, before: str, after: str) -> tuple[list
     return head, tail
 
 
-def find_token_range(tokenizer: Any, conversation: Conversation, ids: Sequence[int], substring: str) -> tuple[int, int] | None:
+def find_token_range(
+    tokenizer: Any, conversation: Conversation, ids: Sequence[int], substring: str
+) -> tuple[int, int] | None:
     """The study's ``find_token_range``: token indices ``[start, end)`` covering the first occurrence of
     `substring` in the pieces of `ids` joined as text (None when it is not there)."""
     pieces = [conversation.piece_text(p) for p in tokenizer.convert_ids_to_tokens(list(ids))]

@@ -65,7 +65,11 @@ class Greedy:
 
 
 def greedy_answer(
-    model: HookedLlava, inp: MultimodalInput, max_new_tokens: int | None = None, fwd_hooks=(), rule: AnswerRule | None = None
+    model: HookedLlava,
+    inp: MultimodalInput,
+    max_new_tokens: int | None = None,
+    fwd_hooks=(),
+    rule: AnswerRule | None = None,
 ) -> Greedy:
     """Greedy decoding with the bridge and its KV cache, as the input's protocol decodes answers.
 
@@ -190,7 +194,9 @@ def _spans(sample, blocks: Sequence[Edge]) -> dict[str, str]:
     if "Question without Options" in names:
         names |= {TRUE_OPTION, FALSE_OPTION}
     spans = {}
-    for name, attr in ((TRUE_OPTION, "true_option"), (FALSE_OPTION, "false_option"), (CENTRAL_OBJECT, "central_object")):
+    for name, attr in (
+        (TRUE_OPTION, "true_option"), (FALSE_OPTION, "false_option"), (CENTRAL_OBJECT, "central_object")
+    ):
         if name not in names:
             continue
         if not getattr(sample, attr, None):

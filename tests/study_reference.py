@@ -60,7 +60,8 @@ def _render_llama3_instruct(messages: list[dict[str, str]], bos_token: str, add_
     out = ""
     for i, message in enumerate(messages):
         content = (
-            "<|start_header_id|>" + message["role"] + "<|end_header_id|>\n\n" + message["content"].strip() + "<|eot_id|>"
+            "<|start_header_id|>" + message["role"] + "<|end_header_id|>\n\n" + message["content"].strip()
+            + "<|eot_id|>"
         )
         if i == 0:
             content = bos_token + content
@@ -125,7 +126,9 @@ def expand_image_tokens(ids: Sequence[int], n_features: int, image_token_id: int
     Position p of the result is position p of the study's ``inputs_embeds``."""
     ids = list(ids)
     if ids.count(IMAGE_TOKEN_INDEX) != 1:
-        raise ValueError(f"expected exactly one {IMAGE_TOKEN_INDEX} in the study's ids, got {ids.count(IMAGE_TOKEN_INDEX)}")
+        raise ValueError(
+            f"expected exactly one {IMAGE_TOKEN_INDEX} in the study's ids, got {ids.count(IMAGE_TOKEN_INDEX)}"
+        )
     at = ids.index(IMAGE_TOKEN_INDEX)
     return ids[:at] + [image_token_id] * n_features + ids[at + 1 :]
 
@@ -270,7 +273,11 @@ def clip_image_processor(path, **overrides):
     size = dict(saved.size) if saved.size is not None else {"shortest_edge": 336}
     if "shortest_edge" not in size:
         size = {"shortest_edge": min(v for v in size.values() if v)}
-    crop = dict(saved.crop_size) if getattr(saved, "crop_size", None) else {"height": size["shortest_edge"], "width": size["shortest_edge"]}
+    crop = (
+        dict(saved.crop_size)
+        if getattr(saved, "crop_size", None)
+        else {"height": size["shortest_edge"], "width": size["shortest_edge"]}
+    )
     kwargs = dict(
         do_resize=True,
         size={"shortest_edge": int(size["shortest_edge"])},
@@ -362,7 +369,12 @@ def prepare_image_patch_bbx(mask_tiles: torch.Tensor, image_size, *, patch_size:
         image_pat = image_pat.flatten(1, 2).flatten(2, 3)
         image_pat = unpad_image(image_pat, image_size)
         image_pat = torch.cat(
-            (image_pat, (torch.ones([image_pat.size(0)]) * (-1))[:, None, None].expand(*image_pat.shape[:-1], 1).to(image_pat.dtype)),
+            (
+                image_pat,
+                (torch.ones([image_pat.size(0)]) * (-1))[:, None, None].expand(*image_pat.shape[:-1], 1).to(
+                    image_pat.dtype
+                ),
+            ),
             dim=-1,
         )
         image_pat = image_pat.flatten(1, 2)
@@ -557,7 +569,9 @@ class StudyInput:
 
 def _noim_chunks(study_ids: list[int]) -> list[list[int]]:
     image_token_indices = [-1] + [i for i, t in enumerate(study_ids) if t == IMAGE_TOKEN_INDEX] + [len(study_ids)]
-    return [study_ids[image_token_indices[i] + 1 : image_token_indices[i + 1]] for i in range(len(image_token_indices) - 1)]
+    return [
+        study_ids[image_token_indices[i] + 1 : image_token_indices[i + 1]] for i in range(len(image_token_indices) - 1)
+    ]
 
 
 def text_range(sm: StudyModel, study_ids: list[int], image_dim: int, text: str) -> list[int]:
@@ -711,7 +725,10 @@ class _BlockAttention:
         layers = self.sm.layers()
         for i, original in reversed(self.saved):
             attn = layers[i].self_attn
-            if getattr(original, "__self__", None) is attn and getattr(original, "__func__", None) is type(attn).forward:
+            if (
+                getattr(original, "__self__", None) is attn
+                and getattr(original, "__func__", None) is type(attn).forward
+            ):
                 del attn.forward  # back to the class method
             else:
                 attn.forward = original

@@ -39,8 +39,10 @@ def test_attention_survives_sigkill_and_resumes(tiny_llava_path, make_image, tmp
     csv_path, images = write_samples(tmp_path / "data", make_image, 8)
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_ATTENTION, *attention_argv(tiny_llava_path, csv_path, images, killed)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_ATTENTION, *attention_argv(tiny_llava_path, csv_path, images, killed)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
     results = killed / "attention.results.jsonl"
     deadline = time.monotonic() + 300
     try:
@@ -81,7 +83,9 @@ def test_csv_with_only_the_four_required_columns_runs_every_analysis(tiny_llava_
         for i in range(3):
             make_image(40 + 8 * i, 32, seed=7 + i).save(images / f"im{i}.jpg")
             writer.writerow([f"q{i}", f"im{i}", "What color is the ball?", "red"])
-    common = ["--model", str(tiny_llava_path), "--dataset", str(path), "--images", str(images), "--out", str(tmp_path / "out")]
+    common = [
+        "--model", str(tiny_llava_path), "--dataset", str(path), "--images", str(images), "--out", str(tmp_path / "out")
+    ]
     assert main(["flow", *common, "--block", "Image->Question", "--window", "2", "--all-samples"]) == 0
     assert main(["lens", *common]) == 0
     assert main(["attention", *common]) == 0

@@ -72,7 +72,10 @@ def test_single_and_two_object_boxes():
 def test_box_partly_outside_is_clipped_and_fully_outside_is_a_problem():
     samples = load_task("ChooseCat")
     raw = {r["question_id"]: r for r in _raw_rows("ChooseCat")}
-    over = [s for s in samples if int(raw[s.question_id]["central object x"]) + int(raw[s.question_id]["central object w"]) > s.image_w]
+    over = [
+        s for s in samples
+        if int(raw[s.question_id]["central object x"]) + int(raw[s.question_id]["central object w"]) > s.image_w
+    ]
     assert over
     for s in over:
         assert s.boxes[0].x1 == s.image_w

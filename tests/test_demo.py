@@ -40,8 +40,11 @@ def test_readings_are_computed_from_the_table():
     assert "-60.0%" in text and "layers 0-1" in text and "centred on layer 1" in text
     flat = flow_readings(pd.DataFrame([{**r, "relative_change_pct": 1.0} for r in rows]), 4, 2)
     assert "no layer window" in flat["Image->Question"]
-    lens = pd.DataFrame([{"layer": layer, "form": f, "prob": p} for layer, (lo, up) in enumerate([(0.1, 0.2), (0.2, 0.9)])
-                         for f, p in (("answer_lower", lo), ("answer_capitalized", up))])
+    lens = pd.DataFrame([
+        {"layer": layer, "form": f, "prob": p}
+        for layer, (lo, up) in enumerate([(0.1, 0.2), (0.2, 0.9)])
+        for f, p in (("answer_lower", lo), ("answer_capitalized", up))
+    ])
     text = lens_reading(lens)
     assert "answer capitalized peaks at layer 1 (p = 0.90) and first exceeds 0.5 at layer 1" in text
     assert "answer lower peaks at layer 1 (p = 0.20) and never exceeds 0.5" in text

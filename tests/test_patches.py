@@ -30,7 +30,10 @@ def coords(regions, positions) -> set[tuple[int, int, int]]:
 
 
 def patch_positions(regions) -> list[int]:
-    return [p for p, nl, box in zip(regions.image_positions, regions.is_newline, regions.patch_box, strict=False) if not nl and box]
+    return [
+        p for p, nl, box in zip(regions.image_positions, regions.is_newline, regions.patch_box, strict=False)
+        if not nl and box
+    ]
 
 
 def check_partition(regions, found: patches.PatchSets) -> None:
@@ -153,10 +156,14 @@ TINY_QUARTERS = {
     # 32x32 -> canvas 32 high x 64 wide, image centred (x 16..48): the quarter is tile 1, cols 2,3, rows 0,1.
     ("llava_next", (32, 32)): {(0, r, c) for r in (0, 1) for c in (0, 1)} | {(1, r, c) for r in (0, 1) for c in (2, 3)},
     # 64x32 -> canvas 32x64 exactly (tiles 1 | 2): the quarter x [0,32) y [0,16) is tile 1 rows 0,1, all cols.
-    ("llava_next", (64, 32)): {(0, r, c) for r in (0, 1) for c in (0, 1)} | {(1, r, c) for r in (0, 1) for c in range(4)},
+    ("llava_next", (64, 32)): (
+        {(0, r, c) for r in (0, 1) for c in (0, 1)} | {(1, r, c) for r in (0, 1) for c in range(4)}
+    ),
     # 40x60 -> canvas 64x64 (2x2 tiles), image resized to 43x64 and padded 10 px left: the quarter is
     # x [10, 31.5) y [0, 32) -> tile 1, all rows, cols 1..3 (col 0 is padding and unpadded away).
-    ("llava_next", (40, 60)): {(0, r, c) for r in (0, 1) for c in (0, 1)} | {(1, r, c) for r in range(4) for c in (1, 2, 3)},
+    ("llava_next", (40, 60)): (
+        {(0, r, c) for r in (0, 1) for c in (0, 1)} | {(1, r, c) for r in range(4) for c in (1, 2, 3)}
+    ),
 }
 
 

@@ -34,6 +34,8 @@ def test_patching_run_resumes_and_the_report_draws_every_table(tiny_llava, tiny_
 
     inp = prepare(tiny_llava, make_image(seed=1), "What color is the ball ?")
     head_sweep(tiny_llava, inp, "Image->Last", layers=[0, 1], question_id="q").to_csv(out / "heads.csv", index=False)
-    image_token_lens(tiny_llava, inp, layers=[0, tiny_llava.n_layers - 1], k=3).top.to_csv(out / "image_lens.csv", index=False)
+    image_token_lens(tiny_llava, inp, layers=[0, tiny_llava.n_layers - 1], k=3).top.to_csv(
+        out / "image_lens.csv", index=False
+    )
     keys = [f.key for f in report_figures(out)]
     assert {"patching", "heads", "image_lens"} <= set(keys)

@@ -155,7 +155,9 @@ def test_old_figures_still_plain_means():
     df = flow_table()
     fig = plots.flow_figure(df)
     assert [t.name for t in fig.data] == ["Last->Last", "Image->Question"]
-    np.testing.assert_allclose(fig.data[0].y, df[df.block == "Last->Last"].groupby("layer")["relative_change_pct"].mean())
+    np.testing.assert_allclose(
+        fig.data[0].y, df[df.block == "Last->Last"].groupby("layer")["relative_change_pct"].mean()
+    )
     assert len(plots.lens_figure(lens_table()).data) == 3
 
 
@@ -192,7 +194,11 @@ def test_patch_values_figure_from_a_long_table_in_tile_pixels(tiny_llava, make_i
     inp = prepare(tiny_llava, image, QUESTION)
     positions = inp.regions.image_positions
     values = pd.DataFrame(
-        [dict(layer=layer, position=p, attention=float(layer * 100 + i)) for layer in (0, 1) for i, p in enumerate(positions)]
+        [
+            dict(layer=layer, position=p, attention=float(layer * 100 + i))
+            for layer in (0, 1)
+            for i, p in enumerate(positions)
+        ]
     )
     with pytest.raises(MMLensError, match="pick one with layer"):
         plots.patch_table(inp.regions, values)

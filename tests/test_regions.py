@@ -170,7 +170,9 @@ def test_span_not_found_names_it(tiny_llava, make_image):
 
 def test_related_other_need_boxes_and_unknown_names_list_valid_ones(tiny_llava, make_image):
     r = prepare(tiny_llava, make_image(), QUESTION).regions
-    for name in ("Related Image Patches", "Other Image Patches", "Image Central Object", "Image Without Central Object"):
+    for name in (
+        "Related Image Patches", "Other Image Patches", "Image Central Object", "Image Without Central Object"
+    ):
         with pytest.raises(MMLensError, match="boxes"):
             r.positions(name)
     r.related, r.other = r.image_positions[:3], r.image_positions[3:]

@@ -57,7 +57,10 @@ def sharded(tiny_llava_path, six_samples, tmp_path_factory):
     env.pop("WORLD_SIZE", None)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "mm_lens.cli", *flow_argv(tiny_llava_path, csv_path, images, out, "--shard", f"{i}/2")],
+            [
+                sys.executable, "-m", "mm_lens.cli",
+                *flow_argv(tiny_llava_path, csv_path, images, out, "--shard", f"{i}/2"),
+            ],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for i in range(2)

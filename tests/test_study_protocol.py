@@ -45,7 +45,9 @@ QUESTIONS = [
     ("Which color is the car, white or black?", "white", "black", "car"),
     ("What is the man's shirt made of, cotton or wool?", "cotton", "wool", "shirt"),
 ]
-TEXT_REGIONS = ("Image", "Question", "Last", "True Option", "False Option", "Central Object", "Question without Options")
+TEXT_REGIONS = (
+    "Image", "Question", "Last", "True Option", "False Option", "Central Object", "Question without Options"
+)
 
 # mm-lens region -> the study's name (blockdesc2range_patches)
 PATCH_NAMES = {
@@ -113,7 +115,8 @@ def assert_rel(actual, expected, what: str, rel: float = REL) -> None:
     if err.size:
         print(f"agreement {what}: max relative difference {err.max():.2e} over {err.size} values")  # pytest -s
     assert err.size == 0 or err.max() <= rel, (
-        f"{what}: relative error {err.max():.3g} > {rel:g} (mm-lens {actual.flat[worst]!r}, study {expected.flat[worst]!r})"
+        f"{what}: relative error {err.max():.3g} > {rel:g} "
+        f"(mm-lens {actual.flat[worst]!r}, study {expected.flat[worst]!r})"
     )
 
 
@@ -219,7 +222,10 @@ def test_tokens_pixels_and_positions_match_the_study(pair, size):
         got_ids = inp.input_ids[0].tolist()
         want_ids = ref.input_ids[0].tolist()
         if got_ids != want_ids:
-            first = next((j for j, (a, b) in enumerate(zip(got_ids, want_ids, strict=False)) if a != b), min(len(got_ids), len(want_ids)))
+            first = next(
+                (j for j, (a, b) in enumerate(zip(got_ids, want_ids, strict=False)) if a != b),
+                min(len(got_ids), len(want_ids)),
+            )
             tok = ref_model.tokenizer
             pytest.fail(
                 f"{kind} {size} {question!r}: input ids differ (mm-lens {len(got_ids)}, study {len(want_ids)} tokens) "
@@ -231,7 +237,9 @@ def test_tokens_pixels_and_positions_match_the_study(pair, size):
         want_px = ref.pixel_values.float()
         tile = want_px.shape[-3:]
         got_px, want_px = got_px.reshape(-1, *tile), want_px.reshape(-1, *tile)
-        assert got_px.shape == want_px.shape, f"{kind} {size}: pixel tiles {tuple(got_px.shape)} != {tuple(want_px.shape)}"
+        assert got_px.shape == want_px.shape, (
+            f"{kind} {size}: pixel tiles {tuple(got_px.shape)} != {tuple(want_px.shape)}"
+        )
         diff = float((got_px - want_px).abs().max())
         assert diff <= 1e-3, f"{kind} {size}: pixel values differ by up to {diff:.4g}"
 
@@ -280,7 +288,9 @@ def test_greedy_answer_matches_the_study(pair, computed):
     kind, model, ref_model = pair
     inp, ref, want = shared_sample(kind, model, ref_model, computed)
     got = greedy_answer(model, inp)
-    assert got.first_token == want.first_token, f"{kind}: first answer token {got.first_token} != study {want.first_token}"
+    assert got.first_token == want.first_token, (
+        f"{kind}: first answer token {got.first_token} != study {want.first_token}"
+    )
     assert_rel(got.first_prob, want.first_prob, f"{kind}: base probability of the first answer token")
     assert got.text == want.text, f"{kind}: greedy answer {got.text!r} != study {want.text!r}"
 
@@ -291,7 +301,9 @@ def test_knockout_sweep_matches_the_study(pair, computed, engine):
 
     kind, model, ref_model = pair
     inp, ref, greedy = shared_sample(kind, model, ref_model, computed)
-    blocks = ["Image->Question", "Question->Last"] + (["Image Central Object->Question"] if kind != "next_llama3" else [])
+    blocks = ["Image->Question", "Question->Last"] + (
+        ["Image Central Object->Question"] if kind != "next_llama3" else []
+    )
     key = (kind, "sweep")
     if key not in computed:
         computed[key] = {b: R.knockout_sweep(ref_model, ref, b, window=3, greedy=greedy) for b in blocks}
@@ -306,7 +318,9 @@ def test_knockout_sweep_matches_the_study(pair, computed, engine):
         assert rows["layer"].tolist() == [r["layer"] for r in ref_rows] == list(range(ref_model.n_layers))
         ref_ko = [r["knockout_prob"] for r in ref_rows]
         # the knockout must move the probability, or the comparison below would not test the mask
-        assert max(abs(k - greedy.first_prob) / greedy.first_prob for k in ref_ko) > 10 * REL, f"{block} changes nothing"
+        assert max(abs(k - greedy.first_prob) / greedy.first_prob for k in ref_ko) > 10 * REL, (
+            f"{block} changes nothing"
+        )
         assert_rel(rows["base_prob"], [r["base_prob"] for r in ref_rows], f"{kind} {engine} {block}: base_prob")
         assert_rel(rows["knockout_prob"], ref_ko, f"{kind} {engine} {block}: knockout_prob")
 
@@ -328,7 +342,9 @@ def test_answer_lens_matches_the_study(pair, computed):
     assert_rel(merged["prob_mm"], merged["prob_study"], f"{kind}: lens probabilities")
 
 
-@pytest.mark.parametrize("size", [(336, 336), (320, 240), (376, 799)], ids=["tie-336x336", "tie-320x240", "unpad-376x799"])
+@pytest.mark.parametrize(
+    "size", [(336, 336), (320, 240), (376, 799)], ids=["tie-336x336", "tie-320x240", "unpad-376x799"]
+)
 def test_next_layouts_hf_cannot_reproduce_are_skipped(request, size):
     """Where the study's any-res code and HF's differ, the HF model packs the features its own way.
 
@@ -367,7 +383,8 @@ def test_shipped_next_layouts_the_study_protocol_skips():
         (w, h)
         for w, h in sizes
         if _next_grid((w, h), pins, 336, True) != _next_grid((w, h), pins, 336, False)
-        or _unpadded((w, h), *_next_grid((w, h), pins, 336, True), 24, True) != _unpadded((w, h), *_next_grid((w, h), pins, 336, False), 24, False)
+        or _unpadded((w, h), *_next_grid((w, h), pins, 336, True), 24, True)
+        != _unpadded((w, h), *_next_grid((w, h), pins, 336, False), 24, False)
     ]
     assert len(differs) == 15 and all(w <= 336 and h <= 336 for w, h in differs)
     assert _unpadded((376, 799), 3, 1, 24, True) == (50, 24) and _unpadded((376, 799), 3, 1, 24, False) == (52, 24)
@@ -419,7 +436,9 @@ def test_cli_flow_and_lens_with_the_study_protocol(request, tmp_path, kind):
             for r in R.knockout_sweep(ref_model, ref, block, window=3, greedy=greedy):
                 want_flow.append({"question_id": qid, **r})
         # QueryAttr-like task: the lens tracks answer.lower() and answer.capitalize()
-        for r in R.lens(ref_model, ref, {"answer_lower": gold.lower(), "answer_capitalized": gold.lower().capitalize()}):
+        for r in R.lens(
+            ref_model, ref, {"answer_lower": gold.lower(), "answer_capitalized": gold.lower().capitalize()}
+        ):
             want_lens.append({"question_id": qid, **r})
     dataset = tmp_path / "QueryAttr.csv"
     with open(dataset, "w", newline="", encoding="utf-8") as f:

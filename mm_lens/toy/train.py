@@ -84,7 +84,8 @@ def build_processor(out_dir: Path):
 
 
 def build_model(tokenizer, d_model: int = 128, n_layers: int = 8, seed: int = 0):
-    """A small LLaVA-1.5-shaped model: CLIP tower (patch 16 on 64 px: a 4 x 4 grid), 2-layer projector, Llama text model."""
+    """A small LLaVA-1.5-shaped model: CLIP tower (patch 16 on 64 px: a 4 x 4 grid), 2-layer projector,
+    Llama text model."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -95,7 +96,8 @@ def build_model(tokenizer, d_model: int = 128, n_layers: int = 8, seed: int = 0)
                        max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    cfg = LlavaConfig(vision_config=vision, text_config=text,
+                      image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                       projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-1,
                       image_seq_length=GRID * GRID, tie_word_embeddings=False)
     cfg.pad_token_id = tokenizer.pad_token_id
@@ -198,7 +200,9 @@ def losses(model, heads: AuxHeads, batch: Batch) -> tuple[torch.Tensor, dict[str
         noun_loss = noun_loss + sum(F.cross_entropy(heads.noun[i](final[present]), batch.noun_targets[present, i])
                                     for i in (1, 2, 3))
     total = ans_loss + 0.5 * eos_loss + 0.5 * patch_loss + 0.5 * noun_loss
-    return total, {"answer": ans_loss.item(), "eos": eos_loss.item(), "patch": patch_loss.item(), "noun": noun_loss.item()}
+    return total, {
+        "answer": ans_loss.item(), "eos": eos_loss.item(), "patch": patch_loss.item(), "noun": noun_loss.item()
+    }
 
 
 @torch.no_grad()

@@ -231,7 +231,9 @@ def vocabulary() -> list[str]:
              "Answer", "question", "using", "a", "single", "word", "phrase", "yes", "no", "size", "USER",
              "ASSISTANT"}
     words |= set(SHAPES) | set(PLURALS.values()) | set(COLORS) | set(SIZES)
-    words |= {w.capitalize() for w in set(SHAPES) | set(COLORS) | set(SIZES) | {"left", "right", "yes", "no", "color", "size"}}
+    words |= {
+        w.capitalize() for w in set(SHAPES) | set(COLORS) | set(SIZES) | {"left", "right", "yes", "no", "color", "size"}
+    }
     return sorted(words)
 
 
