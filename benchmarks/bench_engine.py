@@ -8,8 +8,10 @@ largest probability difference, and both peak memories. Block times are the engi
 prompt's clean pass, which a sweep computes once per sample for the greedy answer whatever the engine; the
 last line adds it back to both sides.
 
-    python benchmarks/bench_engine.py                 # realistic shape (8 layers, d_model 512)
-    python benchmarks/bench_engine.py --tiny          # a seconds-long smoke run
+    python benchmarks/bench_engine.py                           # realistic shape (8 layers, d_model 512)
+    python benchmarks/bench_engine.py --shape llava7b-2layers   # LLaVA-1.5-7B's width (4096, 32 heads,
+                                                                #   MLP 11008, 32,064 tokens), 2 layers
+    python benchmarks/bench_engine.py --tiny                    # a seconds-long smoke run
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ GROUPS = {
     "->Last (3 blocks, one call)": [b for b in BLOCKS if b.endswith("->Last")],
     "all six (one call)": BLOCKS,
 }
+#: Language-model shapes: layers, d_model, heads, MLP width, vocabulary (the vision tower is the same in all).
+SHAPES = {
+    "default": (8, 512, 8, 1408, 32000),
+    "llava7b-2layers": (2, 4096, 32, 11008, 32064),  # LLaVA-1.5-7B's Vicuna width, two of its 32 layers
+    "tiny": (2, 64, 1, 176, 1000),
+}
 TEMPLATE = (
     "{% for message in messages %}USER: "
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
@@ -40,12 +48,26 @@ TEMPLATE = (
 )
 
 
-def build_checkpoint(out: Path, layers: int, d_model: int, tiny: bool) -> None:
-    """Save a random LLaVA (weights, word-level tokenizer, CLIP image processor, chat template) to `out`."""
+def build_checkpoint(out: Path, layers: int, d_model: int, tiny: bool, heads: int | None = None,
+                     mlp: int | None = None, vocab_size: int | None = None,
+                     vision: tuple[int, int, int, int] | None = None, device: str | None = None,
+                     dtype: str | None = None) -> None:
+    """Save a random LLaVA (weights, word-level tokenizer, CLIP image processor, chat template) to `out`.
+
+    `vision` is the CLIP tower's (width, MLP width, layers, heads); `device` and `dtype` are where and in what
+    precision the random weights are made (a 7B model is made on the GPU in float16 in seconds).
+    """
     import torch
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     words = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "\n", ":", "?", ".", "USER", "ASSISTANT"]
     words += sorted(set((QUESTION + " Answer the question using a single word or phrase").replace("?", " ").split()))
@@ -61,17 +83,25 @@ def build_checkpoint(out: Path, layers: int, d_model: int, tiny: bool) -> None:
                           vision_feature_select_strategy="default", chat_template=TEMPLATE,
                           num_additional_image_tokens=1, image_token="<image>")
     proc.save_pretrained(out)
-    vision = CLIPVisionConfig(hidden_size=64 if tiny else 256, intermediate_size=128 if tiny else 1024,
-                              num_hidden_layers=2 if tiny else 6, num_attention_heads=4, image_size=side,
-                              patch_size=patch)
-    text = LlamaConfig(vocab_size=1000 if tiny else 32000, hidden_size=d_model, intermediate_size=d_model * 11 // 4,
-                       num_hidden_layers=layers, num_attention_heads=max(1, d_model // 64),
-                       num_key_value_heads=max(1, d_model // 64), max_position_embeddings=2048,
+    width, inner, depth, n_heads = vision or ((64, 128, 2, 4) if tiny else (256, 1024, 6, 4))
+    vision_cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=inner, num_hidden_layers=depth,
+                                  num_attention_heads=n_heads, image_size=side, patch_size=patch)
+    heads = heads or max(1, d_model // 64)
+    text = LlamaConfig(vocab_size=vocab_size or (1000 if tiny else 32000), hidden_size=d_model,
+                       intermediate_size=mlp or d_model * 11 // 4, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048,
                        tie_word_embeddings=False)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
+    cfg = LlavaConfig(vision_config=vision_cfg, text_config=text, image_token_index=vocab["<image>"],
                       vision_feature_select_strategy="default", vision_feature_layer=-2, tie_word_embeddings=False)
     torch.manual_seed(0)
-    LlavaForConditionalGeneration(cfg).save_pretrained(out)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype) if dtype else torch.float32)
+    try:
+        with torch.device(device or "cpu"):
+            model = LlavaForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(out)
 
 
 def worker(ckpt: str, engine: str, threads: int) -> None:
@@ -82,12 +112,11 @@ def worker(ckpt: str, engine: str, threads: int) -> None:
 
     from mm_lens.data.gqa import Box
     from mm_lens.demo import window_for
-    from mm_lens.engines import clean_pass
+    from mm_lens.engines import clean_pass, get_engine
+    from mm_lens.knockout import parse_edge
     from mm_lens.model import load
     from mm_lens.regions import prepare
-    from mm_lens.engines import get_engine
     from mm_lens.sweep import layer_window
-    from mm_lens.knockout import parse_edge
 
     torch.set_num_threads(threads)
     model = load(ckpt)
@@ -120,8 +149,8 @@ def worker(ckpt: str, engine: str, threads: int) -> None:
 
 def _run_worker(ckpt: Path, engine: str, threads: int) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, __file__, "--worker", engine, "--ckpt", str(ckpt), "--threads", str(threads)],
-                          capture_output=True, text=True, env=env, check=False)
+    cmd = [sys.executable, __file__, "--worker", engine, "--ckpt", str(ckpt), "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -130,8 +159,10 @@ def _run_worker(ckpt: Path, engine: str, threads: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--shape", choices=[name for name in SHAPES if name != "tiny"], default="default",
+                   help="language-model shape (default: 8 layers, d_model 512)")
+    p.add_argument("--layers", type=int, default=None, help="override the shape's number of layers")
+    p.add_argument("--d-model", type=int, default=None, help="override the shape's width (heads of 64, MLP 11/4)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="a small shape, for a smoke test")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -139,18 +170,22 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         return worker(a.ckpt, a.worker, a.threads)
+    layers, d_model, heads, mlp, vocab = SHAPES["tiny" if a.tiny else a.shape]
+    if a.d_model is not None and a.d_model != d_model:
+        d_model, heads, mlp = a.d_model, max(1, a.d_model // 64), a.d_model * 11 // 4
+    layers = a.layers or layers
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "bench-llava"
-        build_checkpoint(ckpt, 2 if a.tiny else a.layers, 64 if a.tiny else a.d_model, a.tiny)
+        build_checkpoint(ckpt, layers, d_model, a.tiny, heads=heads, mlp=mlp, vocab_size=vocab)
         ref = _run_worker(ckpt, "reference", a.threads)
         fast = _run_worker(ckpt, "fast", a.threads)
     print(f"shape: {ref['seq_len']} positions ({ref['n_image']} image, {ref['n_question']} question tokens), "
-          f"{2 if a.tiny else a.layers} layers, d_model {64 if a.tiny else a.d_model}, {a.threads} threads")
+          f"{layers} layers, d_model {d_model}, {heads} heads, MLP {mlp}, vocabulary {vocab}, {a.threads} threads")
     print(f"{'block':34s} {'reference s':>11s} {'fast s':>8s} {'ratio':>7s} {'max |dp|':>9s}")
     worst = 0.0
     for block in BLOCKS:
         r, f = ref["blocks"][block], fast["blocks"][block]
-        diff = max(abs(x - y) for x, y in zip(r["probs"], f["probs"]))
+        diff = max(abs(x - y) for x, y in zip(r["probs"], f["probs"], strict=True))
         worst = max(worst, diff)
         print(f"{block:34s} {r['seconds']:11.2f} {f['seconds']:8.2f} {r['seconds'] / f['seconds']:7.1f} {diff:9.1e}")
     for name in GROUPS:

@@ -1,33 +1,43 @@
 """Knockout engines: how a sweep computes the knockout probabilities of every (edge, window).
 
-An engine is any callable ``engine(model, inp, edges, windows, token, progress=False, clean=None)`` returning
-``[edge, window]`` probabilities of `token` at the last position (`Engine`). Two ship, and must agree:
+An engine is any callable ``engine(model, inp, edges, windows, token, progress=False, clean=None, heads=None)``
+returning ``[edge, window]`` probabilities of `token` at the last position (`Engine`). Two ship, and must agree:
 
 ``reference_engine`` runs one full forward pass with the knockout hooks per (edge, window): slow and plain,
 the ground truth.
 
-``fast_engine`` gives the same numbers from a fraction of the work.
+``fast_engine`` gives the same numbers from a fraction of the work. A knockout only changes the attention rows of
+its target positions at the layers of its window, so
+- every position before the first target computes exactly what it computes in the clean pass: the engine runs
+  the clean pass once per sample (vision tower included; shared with the greedy answer) and keeps its keys and
+  values and the residual stream entering every layer;
+- every layer below a window's first layer is clean too: a window starting at layer ``a`` starts from the clean
+  ``blocks.{a}.hook_resid_pre`` of the suffix (the positions from the first target on) and computes only layers
+  ``a..L-1``, attending to the clean keys/values of the prefix;
+- the blocks with the same first target run as one batch, one row per (block, window); rows join the batch at
+  their window's first layer, and each layer's hook on ``blocks.{l}.attn.hook_attn_scores`` (the same
+  `KnockoutHook` as everywhere, one mask per row) blocks only the rows whose window covers that layer;
+- the last layer computes the last position only (its keys and values still cover the whole suffix), and logits
+  come from the last position only.
 
-A knockout only changes the attention rows of its target positions, so under causal attention every position
-before the first target computes exactly what it computes in the clean pass. The engine therefore
-- runs the clean pass once per sample (vision tower included; shared with the greedy answer) and keeps the
-  language model's input embeddings and its KV cache;
-- for each block, re-runs only the suffix from the block's first target position, on top of the clean
-  prefix cache (`past_key_values`), feeding embeddings so the image is never encoded again;
-- evaluates the layer windows of a block as one batch, one batch row per window, with a hook per layer that
-  masks only the rows whose window covers that layer;
-- lets blocks with the same first target share one preallocated copy of the prefix cache per batch size;
-- computes logits for the last position only.
-Batches are sized so the prefix-cache copies stay within a memory budget (by default half the model's size).
+For Llama-family language models (LLaVA-1.5 and LLaVA-NeXT's Vicuna, Mistral and Llama-3) the suffix runs on the
+bridge's own modules, layer by layer, without the bridge's per-module dispatch: the same norms, projections, rotary
+embeddings and MLPs, the attention written out as the bridge writes it (scores, causal mask, the knockout hook point,
+softmax in float32, values), the prefix's keys and values shared by all rows rather than copied per row. Other
+language models run the suffix through the bridge itself, with the prefix as a KV cache. Rows are batched so that
+the batch's activations stay within a memory budget (by default half the model's size).
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -51,44 +61,373 @@ class CleanPass:
     """The unablated pass over a prompt: what knockout runs reuse, and the cache greedy decoding continues from."""
 
     embeds: Float[Tensor, "1 pos d_model"]  # the language model's input (text embeddings + image features)
-    keys_values: list[tuple[Tensor, Tensor]]  # per layer: keys, values ``[1, kv_head, pos, d_head]``
-    last_logits: Float[Tensor, "vocab"]
+    keys_values: list[tuple[Tensor, Tensor]]  # per layer: keys (after RoPE), values ``[1, kv_head, pos, d_head]``
+    last_logits: Float[Tensor, " vocab"]
     cache: DynamicCache  # HF cache object (greedy decoding extends it; `keys_values` keeps the prompt's)
+    resid_pre: list[Tensor] = field(default_factory=list, repr=False)  # per layer ``[1, pos, d_model]``
 
 
 def clean_pass(model: HookedLlava, inp: MultimodalInput) -> CleanPass:
-    """One forward pass without hooks of ours, keeping embeddings and the KV cache (logits of the last position only)."""
+    """One forward pass without hooks of ours, keeping embeddings, the KV cache and every layer's residual input.
+
+    Logits are computed for the last position only.
+    """
     input_ids, kwargs = inp.forward_args()
-    store: dict[str, Tensor] = {}
+    resid: dict[int, Tensor] = {}
 
-    def grab(resid: Tensor, hook) -> Tensor:
-        store["embeds"] = resid
-        return resid
+    def grabber(layer: int):
+        def grab(x: Tensor, hook) -> Tensor:
+            resid[layer] = x
+            return x
 
+        return grab
+
+    hooks = [(hook_points.resid_pre(layer), grabber(layer)) for layer in range(model.n_layers)]
     with torch.inference_mode():
         logits, cache = model.bridge.run_with_hooks(
-            input_ids, fwd_hooks=[(EMBED_HOOK, grab)], return_type="logits_and_cache", logits_to_keep=1, **kwargs
+            input_ids, fwd_hooks=hooks, return_type="logits_and_cache", logits_to_keep=1, **kwargs
         )
     kv = [(layer.keys, layer.values) for layer in cache.layers]
-    return CleanPass(store["embeds"], kv, logits[0, -1], cache)
+    stream = [resid[layer] for layer in range(model.n_layers)]
+    return CleanPass(stream[0], kv, logits[0, -1], cache, stream)
+
+
+# ---------------------------------------------------------------- the language model, layer by layer
+
+
+class _Layer(NamedTuple):
+    """One Llama-family decoder layer as the tensors and modules its forward pass uses."""
+
+    ln1: Any  # the HF RMSNorm modules (the bridge's norms call them for their output)
+    ln2: Any
+    wq: Tensor
+    bq: Tensor | None
+    wk: Tensor
+    bk: Tensor | None
+    wv: Tensor
+    bv: Tensor | None
+    wo: Tensor
+    bo: Tensor | None
+    gate: Tensor
+    up: Tensor
+    down: Tensor
+    act: Any
+    hook: Any  # the bridge's HookPoint ``blocks.{l}.attn.hook_attn_scores``
+    scaling: float
+    scale_queries: bool  # scaling is a power of two
+
+
+_LLAMA_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer")
+
+
+def _raw(module: Any) -> Any:
+    """The HF module a bridge component wraps (the module itself when it is no bridge)."""
+    return getattr(module, "original_component", None) or module
+
+
+class _Stack:
+    """A Llama-family language model run layer by layer on the suffix of a prompt, on the bridge's own modules.
+
+    The arithmetic is the bridge's (`PositionEmbeddingsAttentionBridge.forward` and the HF layer it wraps), op for
+    op, except that the prefix's keys and values are shared by all batch rows instead of concatenated to each row;
+    the knockout still runs as a TransformerLens hook on ``blocks.{l}.attn.hook_attn_scores``.
+    """
+
+    def __init__(self, model: HookedLlava):
+        bridge = model.bridge
+        self.bridge = bridge
+        self.layers: list[_Layer] = []
+        for block in bridge.blocks:
+            attn, mlp = block.attn, _raw(block.mlp)
+            lin = {name: _raw(getattr(attn, name)) for name in ("q", "k", "v", "o")}
+            self.layers.append(_Layer(
+                _raw(block.ln1), _raw(block.ln2),
+                lin["q"].weight, lin["q"].bias, lin["k"].weight, lin["k"].bias,
+                lin["v"].weight, lin["v"].bias, lin["o"].weight, lin["o"].bias,
+                _raw(mlp.gate_proj).weight, _raw(mlp.up_proj).weight, _raw(mlp.down_proj).weight, mlp.act_fn,
+                attn.hook_attn_scores, float(attn.original_component.scaling),
+                math.frexp(float(attn.original_component.scaling))[0] == 0.5,
+            ))
+        hf_attn = bridge.blocks[0].attn.original_component
+        self.head_dim = int(hf_attn.head_dim)
+        self.n_heads = self.layers[0].wq.shape[0] // self.head_dim
+        self.n_kv = self.layers[0].wk.shape[0] // self.head_dim
+        self.norm = _raw(bridge.ln_final)
+        self.unembed = _raw(bridge.unembed)
+        self.rotary = _raw(bridge.rotary_emb)
+
+    @staticmethod
+    def of(model: HookedLlava) -> _Stack | None:
+        """The stack of `model`'s language model, or None when its layers are not plain Llama-family layers."""
+        try:
+            bridge = model.bridge
+            if bridge.compatibility_mode or not len(bridge.blocks):
+                return None
+            for block in bridge.blocks:
+                hf_layer, attn, mlp = block.original_component, block.attn, _raw(block.mlp)
+                hf_attn = attn.original_component
+                if (type(hf_layer).__name__ not in _LLAMA_LAYERS
+                        or type(attn).__name__ != "PositionEmbeddingsAttentionBridge"):
+                    return None
+                if set(attn.submodules) != {"q", "k", "v", "o"} or getattr(attn, "_use_processed_weights", False):
+                    return None
+                if getattr(block.mlp, "_use_processed_weights", False) or not all(
+                        hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+                    return None
+                if any(getattr(hf_attn, name, None) is not None for name in
+                       ("attn_logit_softcapping", "sinks", "key_multiplier", "sliding_window")):
+                    return None
+                if not all(type(_raw(n)).__name__.endswith("RMSNorm") for n in (block.ln1, block.ln2)):
+                    return None
+            cfg = bridge.cfg
+            if any(getattr(cfg, flag, False) for flag in ("use_split_qkv_input", "use_attn_in", "use_attn_result",
+                                                          "gated_q_proj", "rotary_interleaved_cos_sin",
+                                                          "rotary_adjacent_pairs")):
+                return None
+            rope = getattr(getattr(block.attn.original_component, "config", None), "rope_parameters", None)
+            if isinstance(rope, dict) and rope.get("llama_4_scaling_beta") is not None:
+                return None
+            return _Stack(model)
+        except AttributeError:
+            return None
+
+    def rope(self, embeds: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """cos, sin ``[1, 1, suffix, d_head]`` for positions ``start..``, as the HF model computes them."""
+        positions = torch.arange(start, embeds.shape[1], device=embeds.device)[None]
+        cos, sin = self.rotary(embeds[:, start:], positions)
+        if cos.shape[-1] != self.head_dim:
+            raise MMLensError("partial rotary embeddings are not supported by the fast path")
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def layer(self, index: int, h: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], prefix: int,
+              last_only: bool, causal: Tensor) -> Tensor:
+        """Layer `index` on the suffix states `h` ``[rows, suffix, d_model]`` over the clean prefix's keys/values.
+
+        `last_only`: compute the output of the last position only (keys and values still cover the suffix).
+        """
+        lay = self.layers[index]
+        n, s, _ = h.shape
+        heads, n_kv, d = self.n_heads, self.n_kv, self.head_dim
+        group = heads // n_kv
+        y = lay.ln1(h)
+        y_q = y[:, -1:] if last_only else y
+        sq = y_q.shape[1]
+        q = F.linear(y_q, lay.wq, lay.bq).view(n, sq, heads, d).transpose(1, 2)
+        k = F.linear(y, lay.wk, lay.bk).view(n, s, n_kv, d).transpose(1, 2)
+        v = F.linear(y, lay.wv, lay.bv).view(n, s, n_kv, d).transpose(1, 2)
+        q = (q * cos[:, :, -sq:]) + (_rotate_half(q) * sin[:, :, -sq:])  # HF's apply_rotary_pos_emb
+        k = (k * cos) + (_rotate_half(k) * sin)
+        if lay.scale_queries:  # a power of two: scaling the queries is exact, and spares a pass over the scores
+            q = q * lay.scaling
+        q = q.contiguous()
+        keys = kv[0][0, :, :prefix]  # [kv_head, prefix, d_head], shared by every row
+        values = kv[1][0, :, :prefix]
+        total = prefix + s
+        scores = torch.empty(n, heads, sq, total, dtype=q.dtype, device=q.device)
+        scores[..., prefix:] = torch.matmul(q, _repeat_kv(k, group).transpose(-1, -2))
+        if prefix:  # one product for all rows (folded into the query axis), then one copy into place
+            folded = q.view(n, n_kv, group * sq, d).transpose(0, 1).reshape(n_kv, n * group * sq, d)
+            part = torch.bmm(folded, keys.transpose(-1, -2)).view(n_kv, n, group * sq, prefix)
+            scores.view(n, n_kv, group * sq, total)[..., :prefix].copy_(part.transpose(0, 1))
+        if not lay.scale_queries:
+            scores.mul_(lay.scaling)  # the bridge's order: (q . k) * scaling, then the mask
+        scores[..., prefix:].masked_fill_(causal[-sq:] if sq < s else causal, torch.finfo(scores.dtype).min)
+        scores = lay.hook(scores)
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).contiguous()
+        if prefix and self.exact_values(q.dtype):
+            # Half precision: every row's values in one piece, so that each output is one sum over all positions
+            # rounded once, as in the full forward (two partial sums would round twice).
+            full = torch.empty(n, n_kv, total, d, dtype=v.dtype, device=v.device)
+            full[:, :, :prefix] = values
+            full[:, :, prefix:] = v
+            out = torch.matmul(weights, _repeat_kv(full, group))
+        else:
+            out = torch.matmul(weights[..., prefix:].contiguous(), _repeat_kv(v, group))  # strided input: a slow bmm
+            if prefix:  # the prefix's values, shared by all rows: one product with the rows folded in
+                w = weights.view(n, n_kv, group * sq, total)[..., :prefix].transpose(0, 1)
+                part = torch.bmm(w.reshape(n_kv, n * group * sq, prefix), values)
+                out += part.view(n_kv, n, group * sq, d).transpose(0, 1).reshape(n, heads, sq, d)
+        attn = out.transpose(1, 2).reshape(n, sq, heads * d)
+        h = (h[:, -1:] if last_only else h) + F.linear(attn, lay.wo, lay.bo)
+        y = lay.ln2(h)
+        return h + F.linear(lay.act(F.linear(y, lay.gate)) * F.linear(y, lay.up), lay.down)
+
+    @staticmethod
+    def exact_values(dtype: torch.dtype) -> bool:
+        """Whether the attention's value sums run over the whole row at once (half precision), not prefix + suffix."""
+        return dtype not in (torch.float32, torch.float64)
+
+    def logits(self, last: Tensor) -> Tensor:
+        """Logits of the states `last` ``[rows, d_model]`` (final norm, unembedding)."""
+        return self.unembed(self.norm(last))
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _repeat_kv(x: Tensor, group: int) -> Tensor:
+    """``[n, kv_head, s, d]`` -> ``[n, kv_head * group, s, d]`` (HF's repeat_kv)."""
+    if group == 1:
+        return x
+    n, kv, s, d = x.shape
+    return x[:, :, None].expand(n, kv, group, s, d).reshape(n, kv * group, s, d)
+
+
+# ---------------------------------------------------------------- the fast engine
+
+
+class _Row(NamedTuple):
+    block: int
+    window: int
+    hook: KnockoutHook
+    layers: range  # the window
+    first: int  # its first layer
+
+
+def _model_bytes(model: HookedLlava) -> int:
+    return sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
+
+
+def _row_bytes(clean: CleanPass, stack: _Stack | None, start: int) -> int:
+    """Activation bytes one batch row needs at its widest layer (or its prefix-cache copy, on the bridge path)."""
+    seq, d_model = clean.embeds.shape[1], clean.embeds.shape[2]
+    size = clean.embeds.element_size()
+    suffix = seq - start
+    if stack is None:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in clean.keys_values) * start // max(seq, 1) or 1
+    mlp = stack.layers[0].gate.shape[0]
+    return suffix * ((8 * d_model + 3 * mlp) * size + stack.n_heads * seq * (2 * size + 5))
+
+
+def _run_stack(stack: _Stack, clean: CleanPass, start: int, rows: Sequence[_Row]) -> Tensor:
+    """Logits ``[rows, vocab]`` at the last position of every row; rows sorted by their first layer."""
+    embeds = clean.embeds
+    seq, n_layers = embeds.shape[1], len(stack.layers)
+    suffix = seq - start
+    cos, sin = stack.rope(embeds, start)
+    causal = torch.ones(suffix, suffix, dtype=torch.bool, device=embeds.device).tril_().logical_not_()
+    firsts = [row.first for row in rows]
+    plan, hooks = [], []
+    for layer in range(firsts[0], n_layers):
+        m = bisect.bisect_right(firsts, layer)
+        per_row = [row.hook if layer in row.layers else None for row in rows[:m]]
+        if any(h is not None for h in per_row):
+            # The mask is causal only, so `check_rows` covered every row; the scores are the engine's own buffer.
+            knockout = KnockoutHook.per_row(per_row, check=False, inplace=True)
+            q_len = 1 if layer == n_layers - 1 else suffix
+            knockout.prepare((m, stack.n_heads, q_len, seq), embeds.device)
+            hooks.append((hook_name(layer), knockout))
+        plan.append((layer, m))
+    h = embeds.new_empty(0, suffix, embeds.shape[2])
+    with stack.bridge.hooks(fwd_hooks=hooks):
+        for layer, m in plan:
+            if m > h.shape[0]:  # rows whose window starts here join with the clean residual stream
+                joining = clean.resid_pre[layer][:, start:].expand(m - h.shape[0], -1, -1)
+                h = torch.cat([h, joining])
+            h = stack.layer(layer, h, cos, sin, clean.keys_values[layer], start, layer == n_layers - 1, causal)
+    return stack.logits(h[:, -1])
+
+
+def _run_bridge(model: HookedLlava, clean: CleanPass, start: int, rows: Sequence[_Row],
+                caches: dict[tuple[int, int], DynamicCache]) -> Tensor:
+    """Logits ``[rows, vocab]`` through the bridge itself: the suffix from the first target over the prefix cache."""
+    embeds = clean.embeds
+    n, seq = len(rows), embeds.shape[1]
+    hooks = []
+    for layer in sorted({layer for row in rows for layer in row.layers}):
+        per_row = [row.hook if layer in row.layers else None for row in rows]
+        hooks.append((hook_name(layer), KnockoutHook.per_row(per_row, check=False)))
+    past = None
+    if start > 0:
+        past = caches.get((start, n))
+        if past is None:
+            past = caches[(start, n)] = _prefix_cache(_prefix(clean, start), n, seq - start)
+        for layer in past.layers:
+            layer.rewind()
+    suffix = embeds[:, start:].expand(n, -1, -1)
+    logits = model.bridge.run_with_hooks(suffix, fwd_hooks=hooks, past_key_values=past, logits_to_keep=1)
+    return logits[:, -1]
+
+
+def fast_engine(
+    model: HookedLlava,
+    inp: MultimodalInput,
+    blocks: Sequence[Edge],
+    windows: Sequence[range],
+    token: int,
+    progress: bool = False,
+    clean: CleanPass | None = None,
+    memory_budget: int | None = None,
+    heads: Sequence[int] | None = None,
+    path: str = "auto",
+) -> Float[Tensor, "block layer"]:
+    """Knockout probabilities of `token` at the last position, ``[block, window]``; equals the reference engine.
+
+    `clean` is the prompt's clean pass when the caller already has it (the sweep shares the greedy answer's);
+    `heads` restricts the knockout to those attention heads. `memory_budget` (bytes) bounds a batch's
+    activations (default: half the model's size). `path` is ``"auto"`` (layer by layer for Llama-family language
+    models, else through the bridge), ``"layers"`` or ``"bridge"``.
+    """
+    if path not in ("auto", "layers", "bridge"):
+        raise MMLensError(f"fast engine path {path!r} is not one of 'auto', 'layers', 'bridge'")
+    out = torch.empty(len(blocks), len(windows))
+    n_vocab = inp.vocab_size(model)
+    with torch.inference_mode():
+        clean = clean or clean_pass(model, inp)
+        stack = None if path == "bridge" else _Stack.of(model)
+        if stack is not None and len(clean.resid_pre) != len(stack.layers):
+            stack = None  # a clean pass made elsewhere, without each layer's residual stream
+        if path == "layers" and stack is None:
+            raise MMLensError("the fast engine's layer path needs Llama-family decoder layers and a clean pass from "
+                              "mm_lens.engines.clean_pass; use path='auto'")
+        clean_prob = float(vocab_softmax(clean.last_logits, n_vocab)[token])
+        groups: dict[int, list[_Row]] = {}
+        for b, block in enumerate(blocks):
+            targets, sources = edge_positions(inp.regions, block)
+            if not (len(targets) and len(sources)):  # an empty region blocks nothing: the clean probability
+                out[b] = clean_prob
+                continue
+            hook = KnockoutHook([(targets, sources)], [str(block)], heads=heads, check=False)
+            start = min(int(t) for t in targets)
+            for w, layers in enumerate(windows):
+                if not len(layers):
+                    out[b, w] = clean_prob
+                    continue
+                groups.setdefault(start, []).append(_Row(b, w, hook, layers, min(layers)))
+        budget = memory_budget if memory_budget is not None else max(_model_bytes(model) // 2, 64 << 20)
+        caches: dict[tuple[int, int], DynamicCache] = {}
+        chunks = []
+        for start, rows in sorted(groups.items()):
+            rows.sort(key=lambda row: (row.first, row.block, row.window))
+            step = max(1, min(len(rows), budget // _row_bytes(clean, stack, start)))
+            chunks += [(start, rows[lo: lo + step]) for lo in range(0, len(rows), step)]
+        for start, rows in tqdm(chunks, desc="knockout", leave=False, disable=not progress):
+            if stack is not None:
+                logits = _run_stack(stack, clean, start, rows)
+            else:
+                if caches and next(iter(caches))[0] != start:
+                    caches.clear()  # groups come sorted by start: the previous prefix is done with
+                logits = _run_bridge(model, clean, start, rows, caches)
+            probs = vocab_softmax(logits, n_vocab)[:, token].cpu()
+            for row, p in zip(rows, probs.tolist(), strict=True):
+                out[row.block, row.window] = p
+    return out
+
+
+# ---------------------------------------------------------------- the bridge path's prefix cache
 
 
 def _prefix(clean: CleanPass, length: int) -> list[tuple[Tensor, Tensor]]:
     return [(k[:, :, :length], v[:, :, :length]) for k, v in clean.keys_values]
 
 
-def _batch_size(model: HookedLlava, prefix: list[tuple[Tensor, Tensor]], n: int, budget: int | None) -> int:
-    if budget is None:
-        budget = max(sum(p.numel() * p.element_size() for p in model.hf_model.parameters()) // 2, 64 << 20)
-    per_row = sum(k.numel() * k.element_size() * 2 for k, _ in prefix) or 1
-    return max(1, min(n, budget // per_row))
-
-
 class _PrefixLayer(DynamicLayer):
     """A cache layer over a preallocated buffer holding the clean prefix for every batch row.
 
-    Each run writes only its suffix's keys and values after the prefix, so runs that share a prefix (blocks
-    with the same first target) share one copy of it instead of concatenating a new one per run.
+    Each run writes only its suffix's keys and values after the prefix, so runs that share a prefix (chunks with
+    the same first target) share one copy of it instead of concatenating a new one per run.
     """
 
     def __init__(self, keys: Tensor, values: Tensor, batch: int, suffix_len: int):
@@ -118,61 +457,6 @@ def _prefix_cache(prefix: list[tuple[Tensor, Tensor]], batch: int, suffix_len: i
     cache = DynamicCache()
     cache.layers = [_PrefixLayer(k, v, batch, suffix_len) for k, v in prefix]
     return cache
-
-
-def fast_engine(
-    model: HookedLlava,
-    inp: MultimodalInput,
-    blocks: Sequence[Edge],
-    windows: Sequence[range],
-    token: int,
-    progress: bool = False,
-    clean: CleanPass | None = None,
-    memory_budget: int | None = None,
-    heads: Sequence[int] | None = None,
-) -> Float[Tensor, "block layer"]:
-    """Knockout probabilities of `token` at the last position, ``[block, window]``; equals the reference engine.
-
-    `clean` is the prompt's clean pass when the caller already has it (the sweep shares the greedy answer's).
-    """
-    out = torch.empty(len(blocks), len(windows))
-    n_vocab = inp.vocab_size(model)
-    with torch.inference_mode():
-        clean = clean or clean_pass(model, inp)
-        embeds = clean.embeds
-        seq_len = embeds.shape[1]
-        jobs = []
-        for b, block in enumerate(blocks):
-            targets, sources = edge_positions(inp.regions, block)
-            hook = KnockoutHook([(targets, sources)], [str(block)], heads=heads)
-            # An empty region blocks nothing: the clean probability, as the reference would give.
-            start = min(int(t) for t in targets) if len(targets) and len(sources) else seq_len - 1
-            jobs.append((start, b, hook))
-        caches: dict[tuple[int, int], DynamicCache] = {}
-        jobs.sort(key=lambda job: job[:2])
-        for start, b, knockout in tqdm(jobs, desc="knockout", leave=False, disable=not progress):
-            if caches and next(iter(caches))[0] != start:
-                caches.clear()  # blocks come sorted by start: the previous prefix is done with
-            prefix = _prefix(clean, start)
-            step = _batch_size(model, prefix, len(windows), memory_budget)
-            for lo in range(0, len(windows), step):
-                chunk = windows[lo: lo + step]
-                n = len(chunk)
-                hooks = []
-                for layer in sorted({layer for w in chunk for layer in w}):
-                    rows = torch.tensor([layer in w for w in chunk])
-                    hooks.append((hook_name(layer), knockout.with_rows(rows)))
-                past = None
-                if start > 0:
-                    past = caches.get((start, n))
-                    if past is None:
-                        past = caches[(start, n)] = _prefix_cache(prefix, n, seq_len - start)
-                    for layer in past.layers:
-                        layer.rewind()
-                suffix = embeds[:, start:].expand(n, -1, -1)
-                logits = model.bridge.run_with_hooks(suffix, fwd_hooks=hooks, past_key_values=past, logits_to_keep=1)
-                out[b, lo: lo + n] = vocab_softmax(logits[:, -1], n_vocab)[:, token].cpu()
-    return out
 
 
 # ---------------------------------------------------------------- the reference engine and the registry

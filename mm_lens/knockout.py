@@ -112,8 +112,14 @@ def check_rows(edges: Sequence[EdgePositions], names: Sequence[str] | None = Non
 class KnockoutHook:
     """The knockout hook fn: scores of blocked (target, source) pairs become -inf; positions are absolute.
 
-    ``rows`` selects the batch rows it applies to (None: all; the fast engine batches one window per row) and
-    ``heads`` the attention heads (None: all). The blocked set is built once per score shape and device.
+    ``rows`` selects the batch rows it applies to (None: all) and ``heads`` the attention heads (None: all).
+    `per_row` stacks several knockouts into one hook, one per batch row (the fast engine runs blocks x windows
+    as one batch). The blocked set is built once per score shape and device (`prepare` builds it ahead).
+
+    After the knockout the hook checks that no target row lost its last visible source to the attention mask
+    (padding); ``check=False`` skips that check, for callers whose mask is causal only, where the check at
+    construction (`check_rows`) already covers it. ``inplace=True`` writes the -inf into the scores tensor it is
+    given instead of a copy, for callers that own that tensor (other hooks on the point would see the change).
     """
 
     def __init__(
@@ -122,6 +128,8 @@ class KnockoutHook:
         names: Sequence[str] | None = None,
         rows: Sequence[bool] | Tensor | None = None,
         heads: Sequence[int] | None = None,
+        check: bool = True,
+        inplace: bool = False,
     ):
         self.edges = [
             (
@@ -134,21 +142,44 @@ class KnockoutHook:
         check_rows([(t.tolist(), s.tolist()) for t, s in self.edges], self.names)
         self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.bool)
         self.heads = None if heads is None else _as_heads(heads)
-        self._masks: dict[tuple, tuple[Tensor, Tensor] | None] = {}
+        self.check, self.inplace = check, inplace
+        self._row_hooks: list[KnockoutHook | None] | None = None
+        self._masks: dict[tuple, tuple[Tensor, Tensor | slice] | None] = {}
+        self._blocked_cache: dict[tuple, Tensor | None] = {}
+
+    def _copy(self) -> KnockoutHook:
+        copy = object.__new__(KnockoutHook)
+        copy.edges, copy.names, copy.heads, copy.rows, copy.check, copy.inplace = (
+            self.edges, self.names, self.heads, self.rows, self.check, self.inplace)
+        copy._row_hooks, copy._masks, copy._blocked_cache = self._row_hooks, {}, self._blocked_cache
+        return copy
 
     def with_rows(self, rows: Sequence[bool] | Tensor) -> KnockoutHook:
         """The same knockout applied to the batch rows `rows` only (edges already checked)."""
-        copy = object.__new__(KnockoutHook)
-        copy.edges, copy.names, copy.heads = self.edges, self.names, self.heads
+        copy = self._copy()
         copy.rows = torch.as_tensor(rows, dtype=torch.bool)
-        copy._masks = {}
         return copy
 
-    def _mask(self, scores: Tensor) -> tuple[Tensor, Tensor] | None:
-        """(blocked ``[batch|1, head|1, q, k]``, query rows touched) for this score shape; None if nothing."""
-        batch, n_heads, q_len, k_len = scores.shape
-        key = (batch, n_heads, q_len, k_len, scores.device)
-        if key not in self._masks:
+    @staticmethod
+    def per_row(hooks: Sequence[KnockoutHook | None], check: bool = True, inplace: bool = False) -> KnockoutHook:
+        """One hook for a batch whose row ``i`` gets the knockout ``hooks[i]`` (None: no knockout in that row).
+
+        Each row keeps its hook's edges and heads (its ``rows`` selection does not apply); the rows' edges were
+        checked when their hooks were built.
+        """
+        present = [h for h in hooks if h is not None]
+        copy = object.__new__(KnockoutHook)
+        copy.edges = [edge for h in dict.fromkeys(present) for edge in h.edges]
+        copy.names = list(dict.fromkeys(name for h in present for name in h.names))
+        copy.heads, copy.rows, copy.check, copy.inplace = None, None, check, inplace
+        copy._row_hooks = list(hooks)
+        copy._masks, copy._blocked_cache = {}, {}
+        return copy
+
+    def _blocked(self, q_len: int, k_len: int, n_heads: int, device) -> Tensor | None:
+        """Blocked ``[1, head|1, q, k]`` of this hook's own edges and heads for one score shape; None if nothing."""
+        key = (q_len, k_len, n_heads, device)
+        if key not in self._blocked_cache:
             offset = k_len - q_len  # cached positions before the first live query
             blocked = torch.zeros(q_len, k_len, dtype=torch.bool)
             for targets, sources in self.edges:
@@ -157,9 +188,8 @@ class KnockoutHook:
                 cols = sources[sources < k_len]
                 if rows.numel() and cols.numel():
                     blocked[rows[:, None], cols[None, :]] = True
-            touched = blocked.any(-1).nonzero().flatten()
-            if not touched.numel():
-                self._masks[key] = None
+            if not bool(blocked.any()):
+                self._blocked_cache[key] = None
                 return None
             mask = blocked[None, None]
             if self.heads is not None:
@@ -170,11 +200,50 @@ class KnockoutHook:
                 head_sel = torch.zeros(n_heads, dtype=torch.bool)
                 head_sel[self.heads] = True
                 mask = mask & head_sel[None, :, None, None]
+            self._blocked_cache[key] = mask.to(device)
+        return self._blocked_cache[key]
+
+    def prepare(self, shape: Sequence[int], device: torch.device | str) -> None:
+        """Build the blocked set for scores of `shape` (``batch head q k``) on `device` ahead of the forward pass."""
+        self._mask_for(tuple(int(n) for n in shape), torch.device(device))
+
+    def _mask(self, scores: Tensor) -> tuple[Tensor, Tensor | slice] | None:
+        """(blocked ``[batch|1, head|1, q, k]``, query rows touched) for this score shape; None if nothing."""
+        return self._mask_for(tuple(scores.shape), scores.device)
+
+    def _mask_for(self, shape: tuple, device: torch.device) -> tuple[Tensor, Tensor | slice] | None:
+        batch, n_heads, q_len, k_len = shape
+        key = (batch, n_heads, q_len, k_len, device)
+        if key in self._masks:
+            return self._masks[key]
+        if self._row_hooks is not None:
+            if len(self._row_hooks) != batch:
+                raise MMLensError(f"knockout rows name {len(self._row_hooks)} batch rows but the batch has {batch}")
+            parts = {id(h): h._blocked(q_len, k_len, n_heads, device) for h in self._row_hooks if h is not None}
+            parts = {k: v for k, v in parts.items() if v is not None}
+            if not parts:
+                self._masks[key] = None
+                return None
+            width = max(p.shape[1] for p in parts.values())
+            empty = torch.zeros(1, width, q_len, k_len, dtype=torch.bool, device=device)
+            rows = [parts.get(id(h), empty) if h is not None else empty for h in self._row_hooks]
+            mask = torch.cat([r.expand(1, width, q_len, k_len) for r in rows])
+        else:
+            mask = self._blocked(q_len, k_len, n_heads, device)
+            if mask is None:
+                self._masks[key] = None
+                return None
             if self.rows is not None:
                 if len(self.rows) != batch:
                     raise MMLensError(f"knockout rows select {len(self.rows)} batch rows but the batch has {batch}")
-                mask = mask & self.rows[:, None, None, None]
-            self._masks[key] = (mask.to(scores.device), touched.to(scores.device))
+                mask = mask & self.rows.to(device)[:, None, None, None]
+        touched = mask.any(-1).any(1).any(0).nonzero().flatten().cpu()
+        if not touched.numel():
+            self._masks[key] = None
+            return None
+        lo, hi = int(touched[0]), int(touched[-1]) + 1
+        rows_touched: Tensor | slice = slice(lo, hi) if hi - lo == touched.numel() else touched.to(device)
+        self._masks[key] = (mask, rows_touched)
         return self._masks[key]
 
     def __call__(self, scores: Float[Tensor, "batch head q_pos k_pos"], hook=None) -> Tensor:
@@ -182,18 +251,20 @@ class KnockoutHook:
         if found is None:
             return scores
         mask, touched = found
-        floor = torch.finfo(scores.dtype).min  # the bridge's causal/padding mask value
-        alive_before = (scores[..., touched, :] > floor).any(-1)
-        scores = scores.masked_fill(mask, -torch.inf)
-        emptied = alive_before & ~(scores[..., touched, :] > floor).any(-1)
-        if bool(emptied.any()):
-            row = int(touched[emptied.nonzero()[0, -1]]) + scores.shape[-1] - scores.shape[-2]
-            where = f" at {hook.name}" if getattr(hook, "name", None) else ""
-            raise MMLensError(
-                f"knockout {' + '.join(self.names)}{where} left target position {row} with no visible source "
-                "(the attention mask already hid the rest); keep at least one source for every target"
-            )
-        return scores
+        if self.check:
+            floor = torch.finfo(scores.dtype).min  # the bridge's causal/padding mask value
+            alive = scores[..., touched, :] > floor
+            emptied = alive.any(-1) & ~(alive & ~mask[..., touched, :]).any(-1)
+            if bool(emptied.any()):
+                where_row = emptied.nonzero()[0, -1]
+                row = (touched.start + int(where_row) if isinstance(touched, slice) else int(touched[where_row]))
+                row += scores.shape[-1] - scores.shape[-2]
+                where = f" at {hook.name}" if getattr(hook, "name", None) else ""
+                raise MMLensError(
+                    f"knockout {' + '.join(self.names)}{where} left target position {row} with no visible source "
+                    "(the attention mask already hid the rest); keep at least one source for every target"
+                )
+        return scores.masked_fill_(mask, -torch.inf) if self.inplace else scores.masked_fill(mask, -torch.inf)
 
 
 def _as_heads(heads: Sequence[int]) -> list[int]:

@@ -24,3 +24,20 @@ def test_benchmark_smoke_run():
     diff = float(re.search(r"max probability difference: (\S+)", out).group(1))
     assert diff < 1e-5
     assert re.search(r"peak memory \(max RSS\): reference \d+ MB, fast \d+ MB, ratio [\d.]+", out)
+
+
+def test_gpu_benchmark_smoke_run_on_a_cpu():
+    """The GPU benchmark's script on a tiny shape on the CPU: every step runs, the engines agree."""
+    import json
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    script = SCRIPT.parent / "bench_gpu.py"
+    proc = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
+                           "--samples", "1", "--answer-tokens", "1"], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["max_prob_diff"] < 1e-5
+    assert result["fast"]["samples_per_s"] > 0 and result["reference"]["study_hours"] > 0
+    assert set(result["fast_split_s"]) == {"clean pass", "->Question", "->Last"}
+    assert "projected whole study (5525 questions" in proc.stdout
