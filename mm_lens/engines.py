@@ -31,7 +31,9 @@ the batch's activations stay within a memory budget (by default half the model's
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -135,7 +137,6 @@ class _Stack:
 
     def __init__(self, model: HookedLlava):
         bridge = model.bridge
-        self.bridge = bridge
         self.layers: list[_Layer] = []
         for block in bridge.blocks:
             attn, mlp = block.attn, _raw(block.mlp)
@@ -286,8 +287,28 @@ class _Row(NamedTuple):
     first: int  # its first layer
 
 
+_MODEL_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_HOOK_LEVEL = -20_250_612  # the context level of the engine's own hooks (removed by that level alone)
+
+
 def _model_bytes(model: HookedLlava) -> int:
-    return sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
+    """The model's parameter bytes (walking the modules costs milliseconds: once per model)."""
+    hf = model.hf_model
+    if hf not in _MODEL_BYTES:
+        _MODEL_BYTES[hf] = sum(p.numel() * p.element_size() for p in hf.parameters())
+    return _MODEL_BYTES[hf]
+
+
+@contextlib.contextmanager
+def _hooked(points: Sequence[tuple[Any, Any]]):
+    """TransformerLens hooks ``(HookPoint, fn)`` for the duration, added to the points directly."""
+    try:
+        for point, fn in points:
+            point.add_hook(fn, dir="fwd", level=_HOOK_LEVEL)
+        yield
+    finally:
+        for point, _ in points:
+            point.remove_hooks("fwd", level=_HOOK_LEVEL)
 
 
 def _row_bytes(clean: CleanPass, stack: _Stack | None, start: int) -> int:
@@ -298,7 +319,8 @@ def _row_bytes(clean: CleanPass, stack: _Stack | None, start: int) -> int:
     if stack is None:
         return sum(k.numel() * k.element_size() * 2 for k, _ in clean.keys_values) * start // max(seq, 1) or 1
     mlp = stack.layers[0].gate.shape[0]
-    return suffix * ((8 * d_model + 3 * mlp) * size + stack.n_heads * seq * (2 * size + 5))
+    values = 2 * seq * stack.n_heads * stack.head_dim * size if _Stack.exact_values(clean.embeds.dtype) else 0
+    return suffix * ((8 * d_model + 3 * mlp) * size + stack.n_heads * seq * (2 * size + 5)) + values
 
 
 def _run_stack(stack: _Stack, clean: CleanPass, start: int, rows: Sequence[_Row]) -> Tensor:
@@ -318,10 +340,10 @@ def _run_stack(stack: _Stack, clean: CleanPass, start: int, rows: Sequence[_Row]
             knockout = KnockoutHook.per_row(per_row, check=False, inplace=True)
             q_len = 1 if layer == n_layers - 1 else suffix
             knockout.prepare((m, stack.n_heads, q_len, seq), embeds.device)
-            hooks.append((hook_name(layer), knockout))
+            hooks.append((stack.layers[layer].hook, knockout))  # blocks.{layer}.attn.hook_attn_scores
         plan.append((layer, m))
     h = embeds.new_empty(0, suffix, embeds.shape[2])
-    with stack.bridge.hooks(fwd_hooks=hooks):
+    with _hooked(hooks):
         for layer, m in plan:
             if m > h.shape[0]:  # rows whose window starts here join with the clean residual stream
                 joining = clean.resid_pre[layer][:, start:].expand(m - h.shape[0], -1, -1)

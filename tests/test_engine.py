@@ -183,3 +183,28 @@ def test_unknown_path_is_an_error(tiny_llava, make_image):
     inp, blocks = _inputs(tiny_llava, make_image)
     with pytest.raises(MMLensError, match="path"):
         fast_engine(tiny_llava, inp, blocks, _windows(tiny_llava, 1), 7, path="fastest")
+
+
+def test_layers_below_a_window_are_not_recomputed(tiny_llava, make_image):
+    """The knockout hook points fire once per computed layer: a window at the top layer computes that layer alone."""
+    inp, blocks = _inputs(tiny_llava, make_image)
+    top = tiny_llava.n_layers - 1
+    fired: dict[str, int] = {}
+
+    def count(scores, hook):
+        fired[hook.name] = fired.get(hook.name, 0) + 1
+
+    points = [tiny_llava.bridge.blocks[layer].attn.hook_attn_scores for layer in range(tiny_llava.n_layers)]
+    clean = clean_pass(tiny_llava, inp)
+    for point in points:
+        point.add_hook(count)
+    try:
+        fast_engine(tiny_llava, inp, blocks[:1], [range(top, top + 1)], 7, clean=clean, path="layers")
+        assert fired == {f"blocks.{top}.attn.hook_attn_scores": 1}
+        fired.clear()
+        fast_engine(tiny_llava, inp, blocks[:1], [range(0, 1), range(1, 2)], 7, clean=clean, path="layers")
+        assert fired == {f"blocks.{layer}.attn.hook_attn_scores": 1 for layer in range(tiny_llava.n_layers)}
+    finally:
+        for point in points:
+            point.remove_hooks("fwd")
+    assert not any(point.fwd_hooks for point in points)  # the engine's own hooks are gone too
