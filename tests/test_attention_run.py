@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pandas as pd
 
 from mm_lens.cli import main
-from test_runs import write_samples
+from test_runs import kill_after_two_samples, write_samples
 
 SLOW_ATTENTION = """
 import sys, time
@@ -38,24 +33,8 @@ def attention_argv(model, csv_path, images, out, *extra) -> list[str]:
 def test_attention_survives_sigkill_and_resumes(tiny_llava_path, make_image, tmp_path, capsys):
     csv_path, images = write_samples(tmp_path / "data", make_image, 8)
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_ATTENTION, *attention_argv(tiny_llava_path, csv_path, images, killed)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
     results = killed / "attention.results.jsonl"
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if results.exists() and results.read_bytes().count(b"\n") >= 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
-    done = results.read_bytes().count(b"\n")
+    done = kill_after_two_samples(SLOW_ATTENTION, attention_argv(tiny_llava_path, csv_path, images, killed), results)
     assert 2 <= done < 8 and not (killed / "attention.csv").exists()
 
     assert main(attention_argv(tiny_llava_path, csv_path, images, killed)) == 0

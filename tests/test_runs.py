@@ -217,14 +217,11 @@ def ten_samples(tmp_path_factory, make_image):
     return write_samples(tmp_path_factory.mktemp("runs-data"), make_image, 10)
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_llava_path, ten_samples, tmp_path, capsys):
-    csv_path, images = ten_samples
-    killed, clean = tmp_path / "killed", tmp_path / "clean"
-    argv = flow_argv(tiny_llava_path, csv_path, images, killed)
+def kill_after_two_samples(main_code: str, argv: list[str], results: Path) -> int:
+    """Run ``python -c main_code argv`` and SIGKILL it once `results` holds two samples; the samples written."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_MAIN, *argv], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", main_code, *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results = killed / "flow.results.jsonl"
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -236,7 +233,14 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_llava_path, ten_sa
     finally:
         proc.kill()
         proc.wait(timeout=60)
-    done = results.read_bytes().count(b"\n")
+    return results.read_bytes().count(b"\n")
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_llava_path, ten_samples, tmp_path, capsys):
+    csv_path, images = ten_samples
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    results = killed / "flow.results.jsonl"
+    done = kill_after_two_samples(SLOW_MAIN, flow_argv(tiny_llava_path, csv_path, images, killed), results)
     assert 2 <= done < 10 and not (killed / "flow.csv").exists()
     with open(results, "ab") as f:  # as if the kill had landed in the middle of writing a record
         f.write(b'{"index": 9, "question_id": "q9", "rows": [["q9", "Image->Question", 0, 0.1')
