@@ -26,6 +26,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -81,20 +82,12 @@ def execute(path: Path, timeout: int):
     import nbformat
 
     book = nbformat.read(path, as_version=4)
-    saved = {key: os.environ.get(key) for key in KERNEL_ENV}
-    os.environ.update(KERNEL_ENV)  # the kernel inherits the environment
-    try:
+    with mock.patch.dict(os.environ, KERNEL_ENV):  # the kernel inherits the environment
         client = nbclient.NotebookClient(
             book, timeout=timeout, kernel_name="python3", record_timing=False,
             resources={"metadata": {"path": str(path.parent)}},
         )
         client.execute()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return book
 
 

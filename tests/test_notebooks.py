@@ -8,6 +8,7 @@ import importlib.util
 import os
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -91,21 +92,13 @@ def execute(name):
     # The kernel inherits the environment: a local checkpoint never waits for the hub, and one thread is as
     # fast for the toy model while it avoids thread oversubscription when the suite shares the CPU.
     kernel_env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    saved = {k: os.environ.get(k) for k in kernel_env}
-    os.environ.update(kernel_env)
-    try:
+    with mock.patch.dict(os.environ, kernel_env):
         start = time.monotonic()
         client = nbclient.NotebookClient(
             book, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
         )
         client.execute()
         elapsed = time.monotonic() - start
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     print(f"{name}: {elapsed:.0f} s")
     return book
 
