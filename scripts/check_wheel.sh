@@ -2,6 +2,11 @@
 # The wheel as a user gets it: build the sdist and the wheel (from the sdist) out of a clean checkout of HEAD
 # (`git archive`: committed files only), install the wheel with the CPU torch wheel into a fresh virtual environment,
 # `pip check` it, and run `mm-lens demo` from a directory outside the repository.
+# That venv has no constraints (torch aside): it is the newest releases inside pyproject.toml's declared ranges, as a
+# user who installs the wheel today gets them. The script checks that pip resolved the newest release in range of
+# every fenced dependency (those with a `<=` ceiling: so CI has run each ceiling itself) and fails if not; for the
+# others it only reports an older one. It prints the versions of transformers, transformer_lens, huggingface_hub and
+# torch in each venv. (The locked set, requirements/lock.txt, is `make test`'s; beyond the ceilings: try_newest.sh.)
 #
 #   scripts/check_wheel.sh            # the check above (about 3 minutes on 2 cores, most of it the demo)
 #   scripts/check_wheel.sh --floors   # then again with every dependency pinned to its floor (torch excepted: its
@@ -52,9 +57,60 @@ print("   ", ", ".join(n.rsplit("/", 1)[1] for n in sorted(names)))
 sys.exit(0 if "mm_lens/_assets/toy-llava/model.safetensors" in names else "the toy checkpoint is not in the wheel")
 EOF
 
+# versions ENV_NAME : the installed versions of the packages that matter most.
+versions() {
+    "$work/$1/bin/python" - <<'EOF'
+import importlib.metadata as md
+for name in ("transformers", "transformer_lens", "huggingface_hub", "torch"):
+    print(f"    {name:<17} {md.version(name)}")
+EOF
+}
+
+# newest_in_range ENV_NAME : each unconditional requirement of the wheel (torch aside: pinned to the CPU wheel) is at
+# the newest release that its own specifier admits (pip's choice for it alone, --no-deps). Fails for a fenced one.
+newest_in_range() {
+    local env="$work/$1"
+    "$work/build-env/bin/python" - "$wheel" >"$work/ranges.txt" <<'EOF'
+import sys, zipfile
+from email.parser import Parser
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+with zipfile.ZipFile(sys.argv[1]) as z:
+    meta = Parser().parsestr(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode())
+for line in meta.get_all("Requires-Dist"):
+    req = Requirement(line)
+    if req.marker is None and canonicalize_name(req.name) != "torch":
+        print(f"{req.name}{req.specifier}")
+EOF
+    # shellcheck disable=SC2046
+    quiet_pip "$env/bin/python" -m pip install -q --dry-run --no-deps --ignore-installed --report "$work/newest.json" \
+        $(cat "$work/ranges.txt")
+    "$env/bin/python" - "$work/ranges.txt" "$work/newest.json" <<'EOF'
+import importlib.metadata as md, json, sys
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+reqs = [Requirement(line) for line in open(sys.argv[1]).read().split()]
+report = json.load(open(sys.argv[2]))["install"]
+newest = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"] for i in report}
+bad = []
+print(f"    {'package':<17} {'declared':<22} {'newest in range':<16} installed")
+for req in reqs:
+    fenced = any(s.operator == "<=" for s in req.specifier)
+    have, top = md.version(req.name), newest[canonicalize_name(req.name)]
+    note = "" if have == top else ("  <- NOT the newest in range" if fenced else "  (older: held back by a dependent)")
+    print(f"    {req.name:<17} {str(req.specifier):<22} {top:<16} {have}{note}")
+    if fenced and have != top:
+        bad.append(f"{req.name} {have} (newest in range {top})")
+    elif fenced and any(s.operator == "<=" and s.version != top for s in req.specifier):
+        print(f"    note: {req.name}'s ceiling is not a release on this index; its newest in range is {top}")
+sys.exit(f"not the newest release in range: {', '.join(bad)}" if bad else 0)
+EOF
+}
+
 # check ENV_NAME DEMO_ARGS... : pip check, the toy checkpoint comes from the installed package, the demo runs.
 check() {
     local env="$work/$1"; shift
+    versions "$(basename "$env")"
     quiet_pip "$env/bin/python" -m pip check
     mkdir -p "$work/elsewhere" && cd "$work/elsewhere"
     "$env/bin/python" - "$env" <<'EOF'
@@ -78,9 +134,11 @@ step "fresh venv: $torch_pin, then the wheel"
 "$python" -m venv "$work/venv"
 quiet_pip "$work/venv/bin/python" -m pip install -q "$torch_pin"
 quiet_pip "$work/venv/bin/python" -m pip install -q "$wheel"
-step "pip check"
+step "newest releases in the declared ranges: pip's choice for each requirement alone, and what it installed"
+newest_in_range venv
+step "installed versions, pip check"
 check venv
-step "installed wheel: pip check clean, demo wrote report.html"
+step "installed wheel (newest in range): pip check clean, demo wrote report.html"
 
 if [ "$floors" = 1 ]; then
     step "floors: every dependency pinned to its floor"
@@ -105,7 +163,7 @@ EOF
     "$python" -m venv "$work/venv-floors"
     quiet_pip "$work/venv-floors/bin/python" -m pip install -q "$torch_pin"
     quiet_pip "$work/venv-floors/bin/python" -m pip install -q -c "$work/floors.txt" "$wheel"
-    step "floors: pip check"
+    step "floors: installed versions, pip check"
     check venv-floors --per-task 3
     step "floors: pip check clean, demo wrote report.html"
 fi
