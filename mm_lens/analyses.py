@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from mm_lens.errors import MMLensError
+from mm_lens.errors import MMLensError, SetupError
 from mm_lens.types import Sample, SampleSkip, Skip
 
 if TYPE_CHECKING:
@@ -174,7 +174,8 @@ def each_sample(
 ) -> Iterator[tuple[int, Sample, pd.DataFrame | SampleSkip]]:
     """``(index, sample, rows or SampleSkip)`` for each sample in `indices` (default: all), in order.
 
-    A `SampleSkip` is yielded, not raised. Any other error propagates, unless `on_error` is given: then it is
+    A `SampleSkip` is yielded, not raised. A `SetupError` (a failed self-check) always stops the loop. Any other
+    error propagates, unless `on_error` is given: then it is
     handed the error (it may raise to stop) and the loop goes on with the next sample. `resumed` counts
     samples an earlier run finished (for the progress bar).
     """
@@ -187,6 +188,8 @@ def each_sample(
         except SampleSkip as skip:
             skip.question_id = skip.question_id or str(sample.question_id)
             result = skip
+        except SetupError:
+            raise  # every other sample would fail the same way
         except Exception as err:
             if on_error is None:
                 raise

@@ -158,6 +158,12 @@ def _run_args(args) -> dict:
     )
 
 
+def _report(summary) -> None:
+    """Print a run's summary; a run that analysed nothing because of errors then fails (`raise_if_failed`)."""
+    print(summary.text(), file=sys.stderr)
+    summary.raise_if_failed()
+
+
 def cmd_flow(args) -> None:
     from mm_lens.runs import flow_run
 
@@ -166,26 +172,25 @@ def cmd_flow(args) -> None:
         blocks=args.blocks or list(STUDY_BLOCKS), window=args.window, all_samples=args.all_samples,
         **engine, **_run_args(args),
     )
-    print(summary.text(), file=sys.stderr)
+    _report(summary)
 
 
 def cmd_lens(args) -> None:
     from mm_lens.runs import lens_run
 
-    print(lens_run(readout=args.readout, all_samples=args.all_samples, **_run_args(args)).text(), file=sys.stderr)
+    _report(lens_run(readout=args.readout, all_samples=args.all_samples, **_run_args(args)))
 
 
 def cmd_attention(args) -> None:
     from mm_lens.runs import attention_run
 
-    print(attention_run(targets=args.targets, sources=args.sources, **_run_args(args)).text(), file=sys.stderr)
+    _report(attention_run(targets=args.targets, sources=args.sources, **_run_args(args)))
 
 
 def cmd_patching(args) -> None:
     from mm_lens.runs import patching_run
 
-    summary = patching_run(regions=args.regions or ["Image"], site=args.site, pairs=args.pairs, **_run_args(args))
-    print(summary.text(), file=sys.stderr)
+    _report(patching_run(regions=args.regions or ["Image"], site=args.site, pairs=args.pairs, **_run_args(args)))
 
 
 def cmd_study(args) -> None:

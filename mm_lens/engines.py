@@ -217,7 +217,9 @@ class _Stack:
         k = F.linear(y, lay.wk, lay.bk).view(n, s, n_kv, d).transpose(1, 2)
         v = F.linear(y, lay.wv, lay.bv).view(n, s, n_kv, d).transpose(1, 2)
         q = (q * cos[:, :, -sq:]) + (_rotate_half(q) * sin[:, :, -sq:])  # HF's apply_rotary_pos_emb
-        k = (k * cos) + (_rotate_half(k) * sin)
+        # Contiguous keys: a batched product with keys in the projection's transposed layout takes another CPU
+        # kernel than the one-row product of the full forward, and rounds differently in float16 (seen on AVX2).
+        k = ((k * cos) + (_rotate_half(k) * sin)).contiguous()
         if lay.scale_queries:  # a power of two: scaling the queries is exact, and spares a pass over the scores
             q = q * lay.scaling
         q = q.contiguous()
@@ -530,6 +532,9 @@ def reference_engine(
 
 
 fast_engine.reuses_clean = True  # type: ignore[attr-defined]  # layer_sweep hands it its clean pass
+fast_engine.shortcut = True  # type: ignore[attr-defined]  # self-checked against the reference (mm_lens.selfcheck)
+# The plain engine: no shortcut to self-check, and the sweep's greedy answer is decoded without the KV cache.
+reference_engine.plain = True  # type: ignore[attr-defined]
 
 #: Engines by name; "fast" is the default.
 ENGINES: dict[str, Engine] = {"reference": reference_engine, "fast": fast_engine}

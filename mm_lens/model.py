@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class HookedLlava:
     processor: Any  # transformers.ProcessorMixin: tokenizer + image processor (+ chat template)
     model_type: str  # "llava" | "llava_next"
     name: str  # path or hub id it was loaded from
+    #: Self-checks passed on this model (`mm_lens.selfcheck`): kind -> the difference measured.
+    self_checks: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_layers(self) -> int:
@@ -181,8 +183,9 @@ def load(
     large model over several GPUs and is exclusive with ``device``. ``dtype`` None is the auto protocol's:
     float16 for the study's model families on CUDA, float32 otherwise.
     """
-    from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoConfig, AutoProcessor
+
+    from mm_lens.compat import boot_bridge
 
     name = os.fspath(path_or_hub_id)
     torch_dtype = None if dtype is None else _resolve_dtype(dtype)
@@ -219,7 +222,7 @@ def load(
         elif device is not None:
             boot_kwargs["device"] = device
         try:
-            bridge = TransformerBridge.boot_transformers(name, **boot_kwargs)
+            bridge = boot_bridge(name, **boot_kwargs)
         except MMLensError:
             raise
         except Exception as exc:

@@ -236,9 +236,17 @@ class MultimodalInput:
             kwargs["image_sizes"] = self.image_sizes
         return kwargs
 
-    def forward_args(self) -> tuple[Int[Tensor, "1 pos"], dict[str, Tensor]]:
-        """``(input_ids, kwargs)`` for ``bridge(input_ids, **kw)`` / ``run_with_hooks`` / ``run_with_cache``."""
-        return self.input_ids, self.model_kwargs()
+    def forward_args(self, extra: list[int] | None = None) -> tuple[Int[Tensor, "1 pos"], dict[str, Tensor]]:
+        """``(input_ids, kwargs)`` for ``bridge(input_ids, **kw)`` / ``run_with_hooks`` / ``run_with_cache``.
+
+        `extra`: token ids appended to the prompt (an answer so far), the attention mask extended to cover them.
+        """
+        kwargs = self.model_kwargs()
+        if not extra:
+            return self.input_ids, kwargs
+        tail = torch.tensor([list(extra)], dtype=self.input_ids.dtype, device=self.input_ids.device)
+        kwargs["attention_mask"] = torch.cat([self.attention_mask, torch.ones_like(tail)], dim=1)
+        return torch.cat([self.input_ids, tail], dim=1), kwargs
 
 
 # ------------------------------------------------------------------------------------------ prepare

@@ -343,6 +343,19 @@ class RunSummary:
     shard: Shard | None = None
     merged: RunSummary | None = None  # set when this shard completed the set and merged it
 
+    @property
+    def n_errors(self) -> int:
+        """Samples that failed on an unexpected error (not a recorded skip), retried by the next run."""
+        return sum(str(s.kind).startswith(ERROR_KIND) for s in self.skips)
+
+    def raise_if_failed(self) -> None:
+        """`MMLensError` when the run analysed nothing and errors were the cause (skips alone are no failure)."""
+        if self.n_analysed == 0 and self.n_errors:
+            raise MMLensError(
+                f"{self.command}: no sample analysed, {self.n_errors} of {self.n_samples} failed with errors; "
+                f"tracebacks in {self.path / (self.command + '.errors.log')}"
+            )
+
     def text(self) -> str:
         """The end-of-run report: counts, skip reasons per kind, files written."""
         what = self.command if self.shard is None else f"{self.command} shard {self.shard}"

@@ -52,6 +52,7 @@ def run_study(
     hooked = model if isinstance(model, HookedLlava) else None
     common = dict(images=images, limit=limit, device=device, device_map=device_map, shard=shard,
                   retry_skips=retry_skips, progress=progress, protocol=protocol)
+    failed: list[str] = []  # runs that analysed nothing because of errors: the study fails at the end
     for task in tasks:
         print(f"[{task}]", file=sys.stderr)
         if hooked is None:  # load once, for all twelve runs
@@ -61,6 +62,12 @@ def run_study(
         lens = lens_run(out / task, hooked, task, all_samples=all_samples, **common)
         for summary in (flow, lens):
             print(summary.text(), file=sys.stderr)
+            try:
+                summary.raise_if_failed()
+            except MMLensError as err:
+                failed.append(f"{task}: {err}")
+    if failed:
+        raise MMLensError("; ".join(failed))
     # A shard writes the report once every task's tables are merged, whichever shard merged them.
     if not all((out / task / f"{command}.csv").exists() for task in tasks for command in ("flow", "lens")):
         return None

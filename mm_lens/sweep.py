@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
+from mm_lens import selfcheck
 from mm_lens.analyses import FLOW, collect
 from mm_lens.engines import CleanPass, Engine, clean_pass, get_engine
 from mm_lens.errors import MMLensError
@@ -70,11 +71,14 @@ def greedy_answer(
     max_new_tokens: int | None = None,
     fwd_hooks=(),
     rule: AnswerRule | None = None,
+    cached: bool = True,
 ) -> Greedy:
     """Greedy decoding with the bridge and its KV cache, as the input's protocol decodes answers.
 
     The study's rule decodes up to 128 tokens or EOS; the checkpoint's stops at a newline too (10 tokens).
-    The argmax and the first token's probability run over the protocol's vocabulary.
+    The argmax and the first token's probability run over the protocol's vocabulary. ``cached=False`` runs a full
+    forward per step instead of continuing from the cache (the plain way, for the reference engine). The first
+    cached decoding on a model is self-checked against an uncached forward (`mm_lens.selfcheck`).
     """
     bridge, tokenizer = model.bridge, model.tokenizer
     rule = rule or (inp.protocol.answer if inp.protocol is not None else CHECKPOINT_ANSWER)
@@ -95,6 +99,8 @@ def greedy_answer(
         probs = vocab_softmax(last, n_vocab)
         first = int(probs.argmax())
         first_prob = float(probs[first])
+        if cached and clean is not None:
+            selfcheck.once(model, "cache", selfcheck.check_cache, inp, clean, first)
         token = first
         for _ in range(limit):
             if token in eos:
@@ -104,8 +110,12 @@ def greedy_answer(
                 rule.stop_at_newline and "\n" in tokenizer.decode(generated, skip_special_tokens=True)
             ):
                 break
-            step = torch.tensor([[token]], device=input_ids.device)
-            logits, cache = bridge(step, return_type="logits_and_cache", past_key_values=cache)
+            if cached:
+                step = torch.tensor([[token]], device=input_ids.device)
+                logits, cache = bridge(step, return_type="logits_and_cache", past_key_values=cache)
+            else:
+                ids_so_far, kwargs_so_far = inp.forward_args(extra=generated)
+                logits = bridge(ids_so_far, **kwargs_so_far)
             token = int(logits[0, -1, :n_vocab].argmax())
     text = rule.normalise(tokenizer.decode(generated, skip_special_tokens=True))
     return Greedy(text=text, first_token=first, first_prob=first_prob, token_ids=generated, clean=clean)
@@ -156,6 +166,10 @@ def layer_sweep(
         token, base = int(probs.argmax()), float(probs.max())
     else:
         token, base = greedy.first_token, greedy.first_prob
+    if getattr(run, "shortcut", False):  # a shortcut engine proves itself on the model's first sweep
+        if clean is not None:
+            selfcheck.once(model, "cache", selfcheck.check_cache, inp, clean, token)
+        selfcheck.once(model, "engine", selfcheck.check_engine, inp, parsed, windows, token, clean)
     ko = run(model, inp, parsed, windows, token, progress=progress, clean=clean)
     rows = []
     for b, block in enumerate(parsed):
@@ -241,7 +255,7 @@ def flow_sample(
     except SampleSkip as skip:
         skip.question_id = skip.question_id or str(sample.question_id)
         raise
-    greedy = greedy_answer(model, inp)
+    greedy = greedy_answer(model, inp, cached=not getattr(get_engine(engine), "plain", False))
     if not all_samples and greedy.text != inp.protocol.answer.gold(str(sample.answer)):
         reason = f"model answered {greedy.text!r}, gold {sample.answer!r}"
         raise SampleSkip(reason, WRONG_ANSWER, str(sample.question_id))
