@@ -538,6 +538,8 @@ reference_engine.plain = True  # type: ignore[attr-defined]
 
 #: Engines by name; "fast" is the default.
 ENGINES: dict[str, Engine] = {"reference": reference_engine, "fast": fast_engine}
+#: The engine every sweep, run and command uses unless told otherwise (the one place this default is decided).
+DEFAULT_ENGINE = "fast"
 
 
 def get_engine(engine: str | Engine) -> Engine:

@@ -13,6 +13,10 @@ A run directory holds, per analysis (``flow``, ``lens``, ``attention``; see `mm_
 of the final table, which therefore equals an uninterrupted run's. A trailing partial line (the process died
 mid-write) is dropped on resume. The configuration is the run's identity: `run_config` builds it, and
 `config_differences` says how two differ.
+
+A run may be one `Shard` of a larger one (``--shard i/n``): `Shard` lives here, with the run directory it names
+(``shard-i-of-n``); `mm_lens.shards` merges shard runs through `RunDir`'s public methods (`RunDir.read`,
+`RunDir.lock`, `RunDir.rewrite`). Imports point one way: `mm_lens.shards` imports this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -20,19 +24,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
 from mm_lens.analyses import get_analysis
 from mm_lens.errors import MMLensError
+from mm_lens.names import VERSION
 from mm_lens.types import Skip, summarise_skips
-
-if TYPE_CHECKING:
-    from mm_lens.shards import Shard
 
 FORMAT = 1  # run-directory format version, recorded in the config
 ERROR_KIND = "error"  # skip kinds starting with this are unexpected failures, retried on resume
@@ -40,6 +43,37 @@ ERROR_KIND = "error"  # skip kinds starting with this are unexpected failures, r
 
 class RunBusy(MMLensError):
     """Another process holds the run directory's lock (it is writing or merging there)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: the samples whose dataset index is ``index`` modulo ``count``."""
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    @property
+    def dirname(self) -> str:
+        return f"shard-{self.index}-of-{self.count}"
+
+    def indices(self, n_samples: int) -> range:
+        return range(self.index, n_samples, self.count)
+
+
+def parse_shard(text: str) -> Shard:
+    """``"i/n"`` with ``0 <= i < n`` as a `Shard`, else `MMLensError` saying how to write it."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not match:
+        raise MMLensError(f"--shard {text!r} is not of the form i/n (e.g. 0/4: the first of four shards)")
+    index, count = int(match[1]), int(match[2])
+    if count < 1:
+        raise MMLensError(f"--shard {text!r}: the number of shards must be at least 1")
+    if not 0 <= index < count:
+        raise MMLensError(f"--shard {text!r}: the shard index must be 0..{count - 1} (shards count from 0)")
+    return Shard(index, count)
 
 
 def _file_sha256(path: Path) -> str:
@@ -50,14 +84,15 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _model_id(model: Any) -> str:
+def model_id(model: Any) -> str:
     """A local checkpoint as its absolute path (so ``./m`` and ``/abs/m`` agree); a hub id unchanged."""
     model = getattr(model, "name", model)  # a loaded HookedLlava: where it came from
     path = Path(str(model)).expanduser()
     return str(path.resolve()) if path.exists() else str(model)
 
 
-def _dtype_name(dtype: Any) -> str:
+def dtype_name(dtype: Any) -> str:
+    """A dtype (``"float16"``, ``torch.float16``, None for the default) as recorded: ``"float16"``."""
     from mm_lens.model import _resolve_dtype
 
     return str(_resolve_dtype(dtype)).removeprefix("torch.")
@@ -65,14 +100,13 @@ def _dtype_name(dtype: Any) -> str:
 
 def run_config(command: str, dataset: str | Path, n_samples: int, **options: Any) -> dict[str, Any]:
     """The configuration recorded in (and compared against) a run directory."""
-    from mm_lens import __version__
     from mm_lens.data.gqa import task_path
 
     path = task_path(dataset)
     config: dict[str, Any] = {
         "command": command,
         "format": FORMAT,
-        "mm_lens_version": __version__,
+        "mm_lens_version": VERSION,
         "dataset": str(path.resolve()),
         "dataset_sha256": _file_sha256(path),
         "n_samples": n_samples,
@@ -196,16 +230,40 @@ class RunDir:
             )
         self._config_written = True
 
-    def open(self, config: dict[str, Any]) -> RunDir:
-        """Create or resume the run; the config file is written with the first record (or at `finish`)."""
+    def lock(self, wait: bool = False) -> RunDir:
+        """Create the folder and take this command's exclusive lock on it, held until `close` (or the end of a
+        ``with`` block); `RunBusy` when another process holds it (``wait``: block until it is free instead).
+
+        The lock is advisory (``fcntl.flock``) and released by the OS even on SIGKILL; without POSIX locking
+        (Windows) it is a no-op.
+        """
+        if self._lock is not None:
+            return self
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise MMLensError(f"cannot create the run folder {str(self.path)!r}: {err}") from err
-        self._lock = _lock(self.path / f".{self.command}.lock", self.path, self.command)
+        self._lock = _take_lock(self.path / f".{self.command}.lock", self.path, self.command, wait)
+        return self
+
+    @property
+    def locked(self) -> bool:
+        """Whether this object holds the directory's lock."""
+        return self._lock is not None
+
+    def open(self, config: dict[str, Any]) -> RunDir:
+        """Create or resume the run; the config file is written with the first record (or at `finish`)."""
+        self.lock()
         self.check_config(config)
         self.config = config
         self.load(repair=True)
+        return self
+
+    def read(self) -> RunDir:
+        """Read the run as it is on disk, without the lock and without repairing anything: its config and its
+        finished samples (to inspect or merge a run another process wrote). `MMLensError` if there is none."""
+        self.config = self.read_config()
+        self.load(repair=False)
         return self
 
     def load(self, repair: bool = False) -> None:
@@ -262,6 +320,22 @@ class RunDir:
                 f"cannot write to {path}: {err}; fix that and re-run the same command to resume"
             ) from err
 
+    def rewrite(
+        self, config: dict[str, Any], results: dict[int, dict[str, Any]], skips: dict[int, dict[str, Any]]
+    ) -> None:
+        """Replace the run's config, results and skips files with these records (each file written whole and
+        renamed into place), as when merging shards into one run. Needs the lock (`lock`)."""
+        if self._lock is None:
+            raise MMLensError(f"{self.path}: rewriting a {self.command} run needs its lock (RunDir.lock)")
+        self.config, self.results, self.skips = config, dict(results), dict(skips)
+        try:
+            _write_text(self.config_path, json.dumps(config, indent=2) + "\n")
+            self._config_written = True
+            _write_text(self.results_path, "".join(_dumps(r) for _, r in sorted(self.results.items())))
+            _write_text(self.skips_path, "".join(_dumps(s) for _, s in sorted(self.skips.items())))
+        except OSError as err:
+            raise MMLensError(f"cannot write the {self.command} run in {self.path}: {err}") from err
+
     def add_result(self, index: int, question_id: str, table: pd.DataFrame) -> None:
         """Append one sample's rows (all of them in one line, so a sample is never half recorded)."""
         rows = table[list(get_analysis(self.command).columns)].to_dict("split")["data"]
@@ -312,7 +386,7 @@ class RunDir:
         return [csv_path, html_path, skips_path]
 
 
-def _lock(path: Path, folder: Path, command: str, wait: bool = False):
+def _take_lock(path: Path, folder: Path, command: str, wait: bool = False):
     """An exclusive advisory lock held while the returned file stays open (released even on SIGKILL)."""
     try:
         import fcntl

@@ -1,4 +1,4 @@
-"""Resumable runs of an analysis over a dataset: ``flow_run``, ``lens_run``, ``attention_run``.
+"""Resumable runs of an analysis over a dataset: ``flow_run``, ``lens_run``, ``attention_run``, ``patching_run``.
 
 A run validates everything it can before the model loads (dataset, images folder, options, the protocol
 resolved from the checkpoint's files), records its configuration, then analyses each sample not done yet and
@@ -6,6 +6,15 @@ writes it at once into the run directory (`mm_lens.run_dir`): killed at any poin
 where it stopped. Skipped samples are recorded with their reasons; unexpected per-sample errors are recorded
 too, and retried by the next run. ``--shard i/n`` splits the samples (`mm_lens.shards`), and the last shard
 to finish merges them.
+
+One generic run, thin specialisations (as TransformerLens's ``get_act_patch_resid_pre`` is
+``generic_activation_patch`` with its own parts): `run_analysis` is the run; what every analysis's run shares
+(limit, dtype, device, device_map, shard, retry_skips, progress, protocol) is one record, `RunOptions`, decided
+once here; each ``*_run`` adds only its analysis's own parameters and hands `run_analysis` a `RunSpec` (how to
+make the per-sample step, what to record, what to check on the loaded model). The run options are
+keyword-only: pass them as keywords (``lens_run(out, model, dataset, images, limit=5, dtype="float32")``, as
+before), or as one record (``options=RunOptions(limit=5)``; keywords given besides override its fields). An
+unknown keyword is a `TypeError` listing the run's own parameters and the run options.
 """
 
 from __future__ import annotations
@@ -13,8 +22,8 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +31,20 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mm_lens.analyses import Analysis, Process, each_sample, get_analysis
+from mm_lens.engines import DEFAULT_ENGINE
 from mm_lens.errors import MMLensError
 from mm_lens.run_dir import (
     ERROR_KIND,
     RunDir,
     RunSummary,
-    _dtype_name,
-    _model_id,
+    Shard,
     config_differences,
+    dtype_name,
+    model_id,
+    parse_shard,
     run_config,
 )
-from mm_lens.shards import Shard, _local_device, _merge_if_complete, merge_runs, parse_shard, shard_from_env
+from mm_lens.shards import local_device, merge_if_complete, merge_runs, shard_from_env
 from mm_lens.types import Sample, SampleSkip
 
 COMMANDS = ("flow", "lens", "attention", "patching")  # the analyses a run can be (mm_lens.analyses.ANALYSES)
@@ -112,14 +124,58 @@ def _image_loader(images: str | Path) -> tuple[Path, Callable[[Sample], Any]]:
     return folder.resolve(), lambda sample: open_image(folder, sample)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run goes, the same for every analysis: the options each ``*_run`` takes besides its own.
+
+    ``limit``: only the first N samples; ``dtype`` / ``device`` / ``device_map``: how the model loads (dtype None
+    = the protocol's on the device); ``shard``: ``"i/n"`` or a `Shard` (None: from ``RANK`` / ``WORLD_SIZE``
+    under a launcher); ``retry_skips``: on resume, retry recorded skips; ``progress``: the progress bar;
+    ``protocol``: ``"auto"``, ``"study"`` or ``"checkpoint"``.
+    """
+
+    limit: int | None = None
+    dtype: Any = None
+    device: str | None = None
+    device_map: Any = None
+    shard: Shard | str | None = None
+    retry_skips: bool = False
+    progress: bool = True
+    protocol: str | None = "auto"
+
+    @classmethod
+    def build(
+        cls, options: RunOptions | None = None, overrides: Mapping[str, Any] | None = None, caller: str = "run",
+        own: Sequence[str] = (),
+    ) -> RunOptions:
+        """`options` (default all defaults) with the keyword `overrides` applied; an unknown keyword is a
+        `TypeError` naming `caller`, its `own` parameters and the run options."""
+        if options is not None and not isinstance(options, RunOptions):
+            raise TypeError(f"{caller}() options= takes a RunOptions, not {type(options).__name__}")
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(RUN_OPTIONS))
+        if unknown:
+            mine = f"its own parameters are {', '.join(own)}; " if own else ""
+            raise TypeError(
+                f"{caller}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; {mine}"
+                f"the run options are {', '.join(RUN_OPTIONS)}"
+            )
+        return replace(options or cls(), **overrides)
+
+
+#: The names of the run options (`RunOptions`' fields), in order.
+RUN_OPTIONS = tuple(f.name for f in fields(RunOptions))
+
+
 @dataclass
 class RunSpec:
-    """What a resumable run needs besides its analysis: where, on what, how, and the analysis's own parts.
+    """What a resumable run needs besides its analysis: where, on what, the analysis's own parts, and how.
 
     `options` gives the analysis's options (recorded in the configuration) given the resolved `RunProtocol`;
     `make_process` the per-sample step given the loaded model, the image loader and the protocol; `check_model`
-    validates options against the loaded model. `protocol`, `window`, `readout` are resolved by `run_analysis`
-    after the dataset and images are checked.
+    validates options against the loaded model; `window` (flow) and `readout` (lens), None for the protocol's,
+    are resolved with the protocol by `run_analysis` after the dataset and images are checked. `run` holds the
+    options every analysis shares (`RunOptions`).
     """
 
     out: str | Path
@@ -129,16 +185,9 @@ class RunSpec:
     make_process: Callable[[Any, Callable[[Sample], Any], Any], Process]
     options: Callable[[Any], dict[str, Any]] = lambda resolved: {}
     check_model: Callable[[Any, Any], None] = lambda model, resolved: None
-    limit: int | None = None
-    dtype: Any = None
-    device: str | None = None
-    device_map: Any = None
-    shard: Shard | str | None = None
-    retry_skips: bool = False
-    progress: bool = True
-    protocol: str | None = "auto"
     window: int | None = None  # flow: None = the protocol's
     readout: str | None = None  # lens: None = the protocol's
+    run: RunOptions = field(default_factory=RunOptions)
 
 
 def run_analysis(analysis: str | Analysis, spec: RunSpec) -> RunSummary:
@@ -147,22 +196,23 @@ def run_analysis(analysis: str | Analysis, spec: RunSpec) -> RunSummary:
     are recorded in the configuration."""
     analysis = get_analysis(analysis)
     command = analysis.name
-    shard, device = spec.shard, spec.device
+    opts = spec.run
+    shard, device = opts.shard, opts.device
     if isinstance(shard, str):
         shard = parse_shard(shard)
     if shard is None:
         shard = shard_from_env()
-        if shard is not None and device is None and spec.device_map is None:
-            device = _local_device()
+        if shard is not None and device is None and opts.device_map is None:
+            device = local_device()
     if shard is not None and shard.count == 1:
         shard = None
-    samples = _samples(spec.dataset, spec.limit)
+    samples = _samples(spec.dataset, opts.limit)
     images_dir, load_image = _image_loader(spec.images)
-    dtype = spec.dtype
+    dtype = opts.dtype
     if dtype is not None:
-        _dtype_name(dtype)  # a bad --dtype fails before the checkpoint is read
+        dtype_name(dtype)  # a bad --dtype fails before the checkpoint is read
     protocol = resolve_run_protocol(
-        spec.model, spec.protocol, dtype, device, window=spec.window, readout=spec.readout, command=command
+        spec.model, opts.protocol, dtype, device, window=spec.window, readout=spec.readout, command=command
     )
     if protocol is not None and dtype is None:
         dtype = protocol.dtype
@@ -170,10 +220,10 @@ def run_analysis(analysis: str | Analysis, spec: RunSpec) -> RunSummary:
         command,
         spec.dataset,
         len(samples),
-        model=_model_id(spec.model),
+        model=model_id(spec.model),
         images=str(images_dir),
-        limit=spec.limit,
-        dtype=_dtype_name(dtype),
+        limit=opts.limit,
+        dtype=dtype_name(dtype),
         **(protocol.record if protocol is not None else {}),
         **spec.options(protocol),
         shard=None if shard is None else str(shard),
@@ -181,17 +231,17 @@ def run_analysis(analysis: str | Analysis, spec: RunSpec) -> RunSummary:
     out = Path(spec.out).expanduser()
     indices = shard.indices(len(samples)) if shard else range(len(samples))
     with RunDir(out / shard.dirname if shard else out, command).open(config) as run:
-        n_resumed = len(run.done(spec.retry_skips) & set(indices))
+        n_resumed = len(run.done(opts.retry_skips) & set(indices))
         if n_resumed < len(indices):
             from mm_lens.model import load
 
             loaded = not isinstance(spec.model, (str, os.PathLike))
-            hooked = spec.model if loaded else load(spec.model, device=device, dtype=dtype, device_map=spec.device_map)
+            hooked = spec.model if loaded else load(spec.model, device=device, dtype=dtype, device_map=opts.device_map)
             spec.check_model(hooked, protocol)
             if protocol is not None:
                 print(f"mm-lens: {protocol.line()}", file=sys.stderr)
             process = spec.make_process(hooked, load_image, protocol)
-            execute(run, samples, indices, process, spec.retry_skips, spec.progress)
+            execute(run, samples, indices, process, opts.retry_skips, opts.progress)
         written = run.finish(outputs=shard is None)
         summary = RunSummary(
             command,
@@ -204,7 +254,7 @@ def run_analysis(analysis: str | Analysis, spec: RunSpec) -> RunSummary:
             shard=shard,
         )
     if shard is not None:
-        summary.merged = _merge_if_complete(command, out, shard.count)
+        summary.merged = merge_if_complete(command, out, shard.count)
     return summary
 
 
@@ -234,7 +284,7 @@ class RunProtocol:
     def line(self) -> str:
         """One line saying what was resolved, for the terminal."""
         parts = [
-            f"protocol {self.protocol.name}", f"template {self.record['template']}", f"dtype {_dtype_name(self.dtype)}"
+            f"protocol {self.protocol.name}", f"template {self.record['template']}", f"dtype {dtype_name(self.dtype)}"
         ]
         if self.window is not None:
             parts.append(f"window {self.window} of {self.n_layers} layers")
@@ -286,30 +336,29 @@ def flow_run(
     blocks: Sequence[str] | None = None,
     window: int | None = None,
     all_samples: bool = False,
-    engine: str = "fast",
-    limit: int | None = None,
-    dtype: Any = None,
-    device: str | None = None,
-    device_map: Any = None,
-    shard: Shard | str | None = None,
-    retry_skips: bool = False,
-    progress: bool = True,
-    protocol: str | None = "auto",
+    engine: str = DEFAULT_ENGINE,
+    *,
+    options: RunOptions | None = None,
+    **run_options: Any,
 ) -> RunSummary:
     """The attention-knockout sweep as a resumable run into `out` (``flow.csv``, ``flow.html``, skips).
 
-    ``protocol`` (default auto) decides the inputs and the defaults: window None = the protocol's, dtype
-    None = the protocol's on the device (the study: float16 on CUDA).
+    ``blocks`` default `mm_lens.knockout.STUDY_BLOCKS`; ``window`` None = the protocol's; ``engine`` default
+    `mm_lens.engines.DEFAULT_ENGINE`. The run options (`RunOptions`: ``limit``, ``dtype``, ``device``, ...,
+    ``protocol``) as keywords or ``options=``; dtype None = the protocol's on the device (the study: float16
+    on CUDA).
     """
     from mm_lens.knockout import STUDY_BLOCKS, parse_edge
     from mm_lens.regions import SPAN_NAMES
     from mm_lens.sweep import flow_sample, get_engine, layer_window
 
+    run = RunOptions.build(options, run_options, "flow_run", ("blocks", "window", "all_samples", "engine"))
     parsed = [parse_edge(b, extra_names=SPAN_NAMES) for b in (blocks or STUDY_BLOCKS)]
     get_engine(engine)
     if window is not None and (not isinstance(window, int) or window < 1):
         raise MMLensError(f"window {window!r} must be a positive number of layers")
-    def options(resolved):
+
+    def record(resolved):
         return {"blocks": [str(b) for b in parsed], "window": resolved.window, "engine": engine,
                 "all_samples": all_samples}
 
@@ -321,9 +370,7 @@ def flow_run(
         layer_window(0, resolved.window, model_.n_layers)
 
     return run_analysis("flow", RunSpec(
-        out, model, dataset, images, make_process, options, check_model, window=window,
-        limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
-        progress=progress, protocol=protocol,
+        out, model, dataset, images, make_process, record, check_model, window=window, run=run
     ))
 
 
@@ -332,36 +379,29 @@ def lens_run(
     model: Any,  # a path / hub id, or a loaded HookedLlava
     dataset: str | Path,
     images: str | Path,
-    limit: int | None = None,
-    dtype: Any = None,
-    device: str | None = None,
-    device_map: Any = None,
-    shard: Shard | str | None = None,
-    retry_skips: bool = False,
-    progress: bool = True,
-    protocol: str | None = "auto",
+    *,
     readout: str | None = None,
     all_samples: bool = False,
+    options: RunOptions | None = None,
+    **run_options: Any,
 ) -> RunSummary:
     """The answer logit lens as a resumable run into `out` (``lens.csv``, ``lens.html``, skips).
 
     Under the study protocol only correctly answered samples count (``all_samples`` keeps every one);
-    ``readout`` ``"raw"`` / ``"norm"`` overrides the protocol's.
+    ``readout`` ``"raw"`` / ``"norm"`` overrides the protocol's. Run options as in `flow_run`.
     """
     from mm_lens.lens import lens_sample
+
+    run = RunOptions.build(options, run_options, "lens_run", ("readout", "all_samples"))
 
     def make_process(model_, load_image, resolved):
         proto = resolved.protocol
         return lambda sample: lens_sample(model_, sample, load_image, proto, all_samples, resolved.readout)
 
-    def options(resolved):
+    def record(resolved):
         return {"all_samples": all_samples} if all_samples else {}
 
-    return run_analysis("lens", RunSpec(
-        out, model, dataset, images, make_process, options, readout=readout,
-        limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
-        progress=progress, protocol=protocol,
-    ))
+    return run_analysis("lens", RunSpec(out, model, dataset, images, make_process, record, readout=readout, run=run))
 
 
 def attention_run(
@@ -371,32 +411,28 @@ def attention_run(
     images: str | Path,
     targets: Sequence[str] | None = None,
     sources: Sequence[str] | None = None,
-    limit: int | None = None,
-    dtype: Any = None,
-    device: str | None = None,
-    device_map: Any = None,
-    shard: Shard | str | None = None,
-    retry_skips: bool = False,
-    progress: bool = True,
-    protocol: str | None = "auto",
+    *,
+    options: RunOptions | None = None,
+    **run_options: Any,
 ) -> RunSummary:
-    """Attention mass between regions as a resumable run into `out` (``attention.csv``, ``attention.html``)."""
+    """Attention mass between regions as a resumable run into `out` (``attention.csv``, ``attention.html``).
+
+    ``targets`` / ``sources`` default `mm_lens.attention.DEFAULT_TARGETS` / ``DEFAULT_SOURCES``. Run options as
+    in `flow_run`.
+    """
     from mm_lens.attention import DEFAULT_SOURCES, DEFAULT_TARGETS, attention_sample
 
+    run = RunOptions.build(options, run_options, "attention_run", ("targets", "sources"))
     targets, sources = list(targets or DEFAULT_TARGETS), list(sources or DEFAULT_SOURCES)
 
-    def options(resolved):
+    def record(resolved):
         return {"targets": targets, "sources": sources}
 
     def make_process(model_, load_image, resolved):
         proto = resolved.protocol
         return lambda sample: attention_sample(model_, sample, load_image, targets, sources, proto)
 
-    return run_analysis("attention", RunSpec(
-        out, model, dataset, images, make_process, options,
-        limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
-        progress=progress, protocol=protocol,
-    ))
+    return run_analysis("attention", RunSpec(out, model, dataset, images, make_process, record, run=run))
 
 
 def patching_run(
@@ -407,31 +443,28 @@ def patching_run(
     regions: Sequence[str] = ("Image",),
     site: str = "resid_pre",
     pairs: str = "image",
-    limit: int | None = None,
-    dtype: Any = None,
-    device: str | None = None,
-    device_map: Any = None,
-    shard: Shard | str | None = None,
-    retry_skips: bool = False,
-    progress: bool = True,
-    protocol: str | None = "auto",
+    *,
+    options: RunOptions | None = None,
+    **run_options: Any,
 ) -> RunSummary:
     """Activation patching over a task set as a resumable run into `out` (``patching.csv``, ``patching.html``).
 
     Each sample is paired from the data (`mm_lens.patching.counterfactual_pairs`: ``pairs="image"``, another
     image whose answer differs; ``"options"``, the options swapped) and patched at `site` over every layer, for
     each of `regions`. A sample without a partner, or whose pair changes the layout, is skipped with the reason.
+    Run options as in `flow_run`.
     """
     from mm_lens.patching import PAIR_MODES, SITES, counterfactual_pairs, patching_sample
 
+    run = RunOptions.build(options, run_options, "patching_run", ("regions", "site", "pairs"))
     regions = list(regions)
     if site not in SITES:
         raise MMLensError(f"--site {site!r} is not a patching site; choose one of {', '.join(SITES)}")
     if pairs not in PAIR_MODES:
         raise MMLensError(f"--pairs {pairs!r} is not known; choose one of {', '.join(PAIR_MODES)}")
-    by_id = {str(p.sample.question_id): p for p in counterfactual_pairs(_samples(dataset, limit), pairs)}
+    by_id = {str(p.sample.question_id): p for p in counterfactual_pairs(_samples(dataset, run.limit), pairs)}
 
-    def options(resolved):
+    def record(resolved):
         return {"regions": regions, "site": site, "pairs": pairs}
 
     def make_process(model_, load_image, resolved):
@@ -446,16 +479,14 @@ def patching_run(
 
         return process
 
-    return run_analysis("patching", RunSpec(
-        out, model, dataset, images, make_process, options,
-        limit=limit, dtype=dtype, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
-        progress=progress, protocol=protocol,
-    ))
+    return run_analysis("patching", RunSpec(out, model, dataset, images, make_process, record, run=run))
 
 
 __all__ = [
     "COMMANDS",
+    "RUN_OPTIONS",
     "RunDir",
+    "RunOptions",
     "RunSpec",
     "RunSummary",
     "Shard",

@@ -4,57 +4,27 @@ Shard ``i/n`` of a run takes the samples whose dataset index is ``i`` modulo ``n
 ``OUT/shard-i-of-n/``; the shard process that completes the set merges all shards into ``OUT`` (the same files
 as an unsharded run). `merge_runs` does the same for shard directories gathered by hand. Shards must agree on
 the configuration except where `MERGE_IGNORES` says.
+
+`Shard` and `parse_shard` live with the run directory (`mm_lens.run_dir`, re-exported here); this module adds
+which shard a launcher-started process is (`shard_from_env`, `local_device`) and the merge (`merge_runs`,
+`merge_if_complete`). It works through `RunDir`'s public methods only, and `mm_lens.run_dir` never imports it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from mm_lens.analyses import ANALYSES
 from mm_lens.errors import MMLensError
-from mm_lens.run_dir import RunBusy, RunDir, RunSummary, _dumps, _lock, _write_text, config_differences
+from mm_lens.run_dir import RunBusy, RunDir, RunSummary, Shard, config_differences, parse_shard
 
 SHARD_DIR = re.compile(r"^shard-(\d+)-of-(\d+)$")
 # Config keys shards may differ in: the shard, and where the images and CSV sit on each machine (the CSV's
 # content must still agree: dataset_sha256, n_samples).
 MERGE_IGNORES = ("shard", "images", "dataset")
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Shard ``index`` of ``count``: the samples whose dataset index is ``index`` modulo ``count``."""
-
-    index: int
-    count: int
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
-
-    @property
-    def dirname(self) -> str:
-        return f"shard-{self.index}-of-{self.count}"
-
-    def indices(self, n_samples: int) -> range:
-        return range(self.index, n_samples, self.count)
-
-
-def parse_shard(text: str) -> Shard:
-    """``"i/n"`` with ``0 <= i < n`` as a `Shard`, else `MMLensError` saying how to write it."""
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-    if not match:
-        raise MMLensError(f"--shard {text!r} is not of the form i/n (e.g. 0/4: the first of four shards)")
-    index, count = int(match[1]), int(match[2])
-    if count < 1:
-        raise MMLensError(f"--shard {text!r}: the number of shards must be at least 1")
-    if not 0 <= index < count:
-        raise MMLensError(f"--shard {text!r}: the shard index must be 0..{count - 1} (shards count from 0)")
-    return Shard(index, count)
 
 
 def shard_from_env(environ: dict[str, str] | None = None) -> Shard | None:
@@ -77,7 +47,7 @@ def shard_from_env(environ: dict[str, str] | None = None) -> Shard | None:
     return parse_shard(f"{index}/{count}")
 
 
-def _local_device(environ: dict[str, str] | None = None) -> str | None:
+def local_device(environ: dict[str, str] | None = None) -> str | None:
     """``cuda:LOCAL_RANK`` for a launcher-started process on a CUDA machine (one GPU per process), else None."""
     env = os.environ if environ is None else environ
     local = env.get("LOCAL_RANK")
@@ -136,12 +106,7 @@ def _holds(path: str | Path, command: str) -> bool:
 
 
 def _merge(command: str, out: Path, dirs: list[Path]) -> RunSummary:
-    runs = []
-    for path in dirs:
-        run = RunDir(path, command)
-        run.config = run.read_config()
-        run.load(repair=False)
-        runs.append(run)
+    runs = [RunDir(path, command).read() for path in dirs]
     first = runs[0]
     for run in runs:
         if run.config.get("shard") is None:
@@ -183,18 +148,14 @@ def _merge(command: str, out: Path, dirs: list[Path]) -> RunSummary:
     if out.resolve() in {r.path.resolve() for r in runs}:
         raise MMLensError(f"merge output {out} is one of the shard folders; pass another output folder")
     merged_config = dict(first.config, shard=None)
-    target = RunDir(out, command)
-    out.mkdir(parents=True, exist_ok=True)
-    with contextlib.closing(_lock(out / f".{command}.lock", out, command)):
+    results: dict[int, dict] = {}
+    skips: dict[int, dict] = {}
+    for run in shards.values():
+        results.update(run.results)
+        skips.update(run.skips)
+    with RunDir(out, command).lock() as target:
         target.check_config(merged_config)
-        target.config = merged_config
-        for run in shards.values():
-            target.results.update(run.results)
-            target.skips.update(run.skips)
-        _write_text(target.config_path, json.dumps(merged_config, indent=2) + "\n")
-        target._config_written = True
-        _write_text(target.results_path, "".join(_dumps(r) for _, r in sorted(target.results.items())))
-        _write_text(target.skips_path, "".join(_dumps(s) for _, s in sorted(target.skips.items())))
+        target.rewrite(merged_config, results, skips)
         written = target.finish(outputs=True)
     return RunSummary(
         command,
@@ -207,16 +168,16 @@ def _merge(command: str, out: Path, dirs: list[Path]) -> RunSummary:
     )
 
 
-def _merge_if_complete(command: str, out: Path, count: int) -> RunSummary | None:
+def merge_if_complete(command: str, out: str | Path, count: int) -> RunSummary | None:
     """Merge ``out/shard-*-of-count`` into `out` when every shard has finished (called by each shard at its end;
     the last one to finish does the merge). None when some shard is still running or missing."""
+    out = Path(out).expanduser()
     dirs = [out / Shard(i, count).dirname for i in range(count)]
     for i, path in enumerate(dirs):
         run = RunDir(path, command)
         if not run.exists():
             return None
-        run.config = run.read_config()
-        run.load(repair=False)
+        run.read()
         if not set(Shard(i, count).indices(int(run.config["n_samples"]))) <= run.recorded():
             return None
     try:
@@ -225,4 +186,6 @@ def _merge_if_complete(command: str, out: Path, count: int) -> RunSummary | None
         return None
 
 
-__all__ = ["MERGE_IGNORES", "Shard", "merge_runs", "parse_shard", "shard_from_env"]
+__all__ = [
+    "MERGE_IGNORES", "Shard", "local_device", "merge_if_complete", "merge_runs", "parse_shard", "shard_from_env"
+]

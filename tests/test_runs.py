@@ -297,3 +297,17 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     assert main(argv) == 130
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["mm-lens: interrupted; finished samples are saved, re-run the same command to resume"]
+
+
+def test_run_options_are_one_record_and_an_unknown_one_is_named():
+    from mm_lens.runs import RUN_OPTIONS, RunOptions, flow_run, lens_run
+
+    assert RUN_OPTIONS == ("limit", "dtype", "device", "device_map", "shard", "retry_skips", "progress", "protocol")
+    base = RunOptions(limit=3, protocol="study")
+    assert RunOptions.build(base, {"limit": 5}) == RunOptions(limit=5, protocol="study")
+    with pytest.raises(TypeError, match=r"flow_run\(\) got unexpected keyword argument\(s\) 'limt'.*blocks.*limit"):
+        flow_run("o", "m", "ChooseAttr", ".", limt=3)
+    with pytest.raises(TypeError, match="lens_run.*'blocks'"):
+        lens_run("o", "m", "ChooseAttr", ".", blocks=["Image->Last"])
+    with pytest.raises(TypeError, match="options= takes a RunOptions"):
+        lens_run("o", "m", "ChooseAttr", ".", options={"limit": 3})
