@@ -1,4 +1,8 @@
-"""``mm-lens`` command line: argument parsing and wiring only (the work lives in the library modules)."""
+"""``mm-lens`` command line: argument parsing and wiring only (the work lives in the library modules).
+
+The module stays light: ``mm-lens --help`` imports no torch. Its top-level imports are torch-free (the name
+lists come from `mm_lens.names` and `mm_lens.data.gqa`); each command imports its library module when it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from mm_lens.data.gqa import TASKS
 from mm_lens.errors import MMLensError
-from mm_lens.knockout import STUDY_BLOCKS
+from mm_lens.names import ENGINE_NAMES, PAIR_MODES, PROTOCOL_NAMES, READOUTS, SITES, STUDY_BLOCKS
+
+ENGINE_HELP = f"sweep engine: {' or '.join(ENGINE_NAMES)} (default: the library's, mm_lens.engines.DEFAULT_ENGINE)"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -20,7 +27,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: the bridge's choice)")
     p.add_argument("--dtype", default=None,
                    help="float32 | float16 | bfloat16 (default: the protocol's: study float16 on CUDA, else float32)")
-    p.add_argument("--protocol", default="auto", choices=("auto", "study", "checkpoint"),
+    p.add_argument("--protocol", default="auto", choices=PROTOCOL_NAMES,
                    help="inputs and defaults: the study's pipeline, the checkpoint's template and processor, or auto "
                         "(the study's for its model families; default)")
     p.add_argument(
@@ -55,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="layers knocked out around each layer (default: the protocol's; study 7 per 32 layers, "
                            "checkpoint 9)")
     flow.add_argument("--all-samples", action="store_true", help="keep samples the model answers wrongly")
-    flow.add_argument("--engine", default=None, help="sweep engine: 'fast' or 'reference' (default: the library's)")
+    flow.add_argument("--engine", default=None, help=ENGINE_HELP)
     flow.set_defaults(func=cmd_flow)
 
     lens = sub.add_parser("lens", help="answer logit lens -> lens.csv, lens.html")
@@ -77,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(patching)
     patching.add_argument("--region", action="append", dest="regions",
                           help="region whose positions are patched, repeatable (default: Image)")
-    patching.add_argument("--site", default="resid_pre",
-                          help="activation patched: resid_pre (default), resid_mid, resid_post, attn_out, mlp_out")
-    patching.add_argument("--pairs", default="image", choices=("image", "options"),
+    patching.add_argument("--site", default=SITES[0],
+                          help=f"activation patched: {', '.join(SITES)} (default {SITES[0]})")
+    patching.add_argument("--pairs", default=PAIR_MODES[0], choices=PAIR_MODES,
                           help="corruption: another image whose answer differs (default), or the options swapped")
     patching.set_defaults(func=cmd_patching)
 
@@ -89,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--model", required=True, help="checkpoint directory or hub id of a study model")
     study.add_argument("--images", required=True, help="folder holding the GQA images <img_id>.jpg")
     study.add_argument("--out", required=True, help="output folder: one sub-folder per task, report.html")
-    study.add_argument("--tasks", nargs="+", default=None, help="task sets (default: all six)")
-    study.add_argument("--protocol", default="study", choices=("auto", "study", "checkpoint"),
+    study.add_argument("--tasks", nargs="+", default=None, help=f"task sets (default: all six: {', '.join(TASKS)})")
+    study.add_argument("--protocol", default="study", choices=PROTOCOL_NAMES,
                        help="default study")
     study.add_argument("--window", type=int, default=None, help="default: the protocol's (7 per 32 layers)")
     study.add_argument("--limit", type=int, default=None, help="only the first N rows of each task set")
@@ -98,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--dtype", default=None, help="default: the protocol's (float16 on CUDA)")
     study.add_argument("--device-map", default=None)
     study.add_argument("--shard", default=None, help="shard i/n of every task's samples (see flow --shard)")
-    study.add_argument("--engine", default=None)
+    study.add_argument("--engine", default=None, help=ENGINE_HELP)
     study.add_argument("--all-samples", action="store_true", help="keep wrongly answered samples too")
     study.add_argument("--retry-skips", action="store_true")
     study.set_defaults(func=cmd_study)
@@ -131,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _lens_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--readout", default=None, choices=("raw", "norm"),
+    p.add_argument("--readout", default=None, choices=READOUTS,
                    help="lens readout below the top layer: raw (the study's) or through the final norm "
                         "(default: the protocol's)")
     p.add_argument("--all-samples", action="store_true",
@@ -150,7 +157,8 @@ def _device_map(text):
 
 
 def _run_args(args) -> dict:
-    """The options `flow` and `lens` share, as keyword arguments of `mm_lens.runs.flow_run` / `lens_run`."""
+    """What every run command shares: where and on what, and the run options (`mm_lens.runs.RunOptions`), as
+    keyword arguments of the ``mm_lens.runs.*_run`` functions."""
     return dict(
         out=args.out, model=args.model, dataset=args.dataset, images=args.images, limit=args.limit,
         dtype=args.dtype, device=args.device, device_map=_device_map(args.device_map), shard=args.shard,
@@ -199,8 +207,8 @@ def cmd_study(args) -> None:
     run_study(
         out=args.out, model=args.model, images=args.images, tasks=args.tasks, protocol=args.protocol,
         window=args.window, limit=args.limit, device=args.device, dtype=args.dtype,
-        device_map=_device_map(args.device_map), shard=args.shard, engine=args.engine,
-        all_samples=args.all_samples, retry_skips=args.retry_skips,
+        device_map=_device_map(args.device_map), shard=args.shard, all_samples=args.all_samples,
+        retry_skips=args.retry_skips, **({"engine": args.engine} if args.engine else {}),
     )
 
 

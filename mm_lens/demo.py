@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mm_lens.engines import DEFAULT_ENGINE
 from mm_lens.errors import MMLensError
 from mm_lens.knockout import STANDARD_BLOCKS
 
@@ -35,9 +36,17 @@ def toy_model_path() -> Path:
     )
 
 
-def window_for(n_layers: int) -> int:
-    """The study's window (9 of 32 layers) scaled to the model's depth, at least 1."""
+def demo_window(n_layers: int) -> int:
+    """The demo's own knockout window: 9 layers per 32 of the model's depth, rounded, at least 1.
+
+    Neither protocol's default (`mm_lens.protocol.Protocol.window`: the study protocol scales 7 per 32 layers,
+    the checkpoint protocol takes 9 layers whatever the depth); `run_demo` passes it to every flow run
+    explicitly, and records it in ``summary.json``.
+    """
     return max(1, round(9 * n_layers / 32))
+
+
+window_for = demo_window  # the old name (tests/test_demo.py, notebooks/01_quickstart.ipynb, benchmarks use it)
 
 
 def _layer_range(window: range) -> str:
@@ -79,7 +88,7 @@ def lens_reading(lens: pd.DataFrame) -> str:
 
 
 def run_demo(out_dir: str | Path = "results/demo", n_per_task: int = 30, model_path: str | Path | None = None,
-             engine: str = "fast", progress: bool = True) -> Path:
+             engine: str = DEFAULT_ENGINE, progress: bool = True) -> Path:
     """Run the demo into `out_dir` (resumable: re-running skips finished samples); returns the report's path."""
     from mm_lens.model import load
     from mm_lens.runs import attention_run, flow_run, lens_run
@@ -90,7 +99,7 @@ def run_demo(out_dir: str | Path = "results/demo", n_per_task: int = 30, model_p
     model = str(model_path or toy_model_path())
     hooked = load(model)
     n_layers = hooked.n_layers
-    k = window_for(n_layers)
+    k = demo_window(n_layers)
     csvs = world.write_task_csvs(out / "data", n_per_task, seed=HELD_OUT_SEED)
     images = out / "data" / "images"
     flows, lenses, summary = [], [], {}

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mm_lens.engines import DEFAULT_ENGINE
 from mm_lens.errors import MMLensError
 from mm_lens.knockout import STANDARD_BLOCKS
 
@@ -29,7 +30,7 @@ def run_study(
     dtype: Any = None,
     device_map: Any = None,
     shard: str | None = None,
-    engine: str | None = None,
+    engine: str = DEFAULT_ENGINE,
     all_samples: bool = False,
     retry_skips: bool = False,
     blocks: Sequence[str] = STANDARD_BLOCKS,
@@ -40,7 +41,7 @@ def run_study(
     from mm_lens.data.gqa import TASKS
     from mm_lens.model import HookedLlava, load
     from mm_lens.report import build_report
-    from mm_lens.runs import flow_run, lens_run, resolve_run_protocol
+    from mm_lens.runs import RunOptions, flow_run, lens_run, resolve_run_protocol
 
     tasks = list(tasks or TASKS)
     unknown = [t for t in tasks if t not in TASKS]
@@ -50,16 +51,16 @@ def run_study(
     resolved = resolve_run_protocol(model, protocol, dtype, device, window=window, command="flow")
     print(f"mm-lens study: {resolved.line()}", file=sys.stderr)
     hooked = model if isinstance(model, HookedLlava) else None
-    common = dict(images=images, limit=limit, device=device, device_map=device_map, shard=shard,
-                  retry_skips=retry_skips, progress=progress, protocol=protocol)
+    run = RunOptions(limit=limit, device=device, device_map=device_map, shard=shard, retry_skips=retry_skips,
+                     progress=progress, protocol=protocol)
     failed: list[str] = []  # runs that analysed nothing because of errors: the study fails at the end
     for task in tasks:
         print(f"[{task}]", file=sys.stderr)
         if hooked is None:  # load once, for all twelve runs
             hooked = load(model, device=device, dtype=resolved.dtype, device_map=device_map)
-        flow = flow_run(out / task, hooked, task, blocks=list(blocks), window=resolved.window,
-                        all_samples=all_samples, **({"engine": engine} if engine else {}), **common)
-        lens = lens_run(out / task, hooked, task, all_samples=all_samples, **common)
+        flow = flow_run(out / task, hooked, task, images, blocks=list(blocks), window=resolved.window,
+                        all_samples=all_samples, engine=engine, options=run)
+        lens = lens_run(out / task, hooked, task, images, all_samples=all_samples, options=run)
         for summary in (flow, lens):
             print(summary.text(), file=sys.stderr)
             try:
