@@ -113,9 +113,9 @@ def worker(ckpt: str, engine: str, threads: int) -> None:
     from mm_lens.data.gqa import Box
     from mm_lens.demo import window_for
     from mm_lens.engines import clean_pass, get_engine
+    from mm_lens.inputs import prepare
     from mm_lens.knockout import parse_edge
     from mm_lens.model import load
-    from mm_lens.regions import prepare
     from mm_lens.sweep import layer_window
 
     torch.set_num_threads(threads)

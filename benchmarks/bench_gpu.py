@@ -71,9 +71,9 @@ def main() -> None:
 
     from mm_lens.data.gqa import Box
     from mm_lens.engines import clean_pass, fast_engine
+    from mm_lens.inputs import prepare
     from mm_lens.knockout import STANDARD_BLOCKS, parse_edge
     from mm_lens.model import load
-    from mm_lens.regions import prepare
     from mm_lens.sweep import greedy_answer, layer_sweep, layer_window
 
     layers, d_model, heads, mlp, vocab, vision = SHAPES[a.shape]

@@ -26,14 +26,16 @@ from torch import Tensor
 from mm_lens import hook_points
 from mm_lens.analyses import ATTENTION, collect
 from mm_lens.errors import MMLensError
+from mm_lens.inputs import prepare
 from mm_lens.types import Sample, Skip
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from mm_lens.inputs import MultimodalInput
     from mm_lens.model import HookedLlava
     from mm_lens.protocol import Protocol
-    from mm_lens.regions import MultimodalInput, RegionMap
+    from mm_lens.regions import RegionMap
 
 ATTENTION_COLUMNS = list(ATTENTION.columns)
 IMAGE_ATTENTION_COLUMNS = ["layer", "position", "row", "col", "tile", "attention"]
@@ -188,7 +190,6 @@ def attention_sample(
     protocol: str | Protocol | None = "auto",
 ) -> pd.DataFrame:
     """`attention_mass` rows of one sample (``ATTENTION_COLUMNS``); `SampleSkip` when it cannot be read."""
-    from mm_lens.regions import prepare
 
     inp = prepare(model, load_image(sample), sample.question, protocol=protocol)
     table = attention_mass(model, inp, targets, sources)

@@ -52,8 +52,8 @@ from mm_lens.knockout import Edge, KnockoutHook, block_hooks, edge_positions, ho
 from mm_lens.protocol import vocab_softmax
 
 if TYPE_CHECKING:
+    from mm_lens.inputs import MultimodalInput
     from mm_lens.model import HookedLlava
-    from mm_lens.regions import MultimodalInput
 
 EMBED_HOOK = hook_points.EMBED
 
@@ -536,7 +536,7 @@ fast_engine.shortcut = True  # type: ignore[attr-defined]  # self-checked agains
 # The plain engine: no shortcut to self-check, and the sweep's greedy answer is decoded without the KV cache.
 reference_engine.plain = True  # type: ignore[attr-defined]
 
-#: Engines by name; "fast" is the default.
+#: Engines by name.
 ENGINES: dict[str, Engine] = {"reference": reference_engine, "fast": fast_engine}
 #: The engine every sweep, run and command uses unless told otherwise (the one place this default is decided).
 DEFAULT_ENGINE = "fast"

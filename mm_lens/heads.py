@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from mm_lens.engines import Engine, clean_pass, get_engine
+from mm_lens.engines import DEFAULT_ENGINE, Engine, clean_pass, get_engine
 from mm_lens.errors import MMLensError
 from mm_lens.knockout import Edge, parse_edge
-from mm_lens.protocol import resolve_protocol, vocab_softmax
+from mm_lens.protocol import vocab_softmax
 from mm_lens.sweep import Greedy, layer_sweep, layer_window
 
 if TYPE_CHECKING:
+    from mm_lens.inputs import MultimodalInput
     from mm_lens.model import HookedLlava
-    from mm_lens.regions import MultimodalInput
 
 HEAD_COLUMNS = ["question_id", "block", "layer", "head", "base_prob", "knockout_prob", "relative_change_pct"]
 
@@ -37,11 +37,11 @@ def n_heads(model: HookedLlava) -> int:
 
 
 def strongest_window(model: HookedLlava, inp: MultimodalInput, edge: str | Edge, window: int | None = None,
-                     engine: str | Engine = "fast", greedy: Greedy | None = None) -> range:
+                     engine: str | Engine = DEFAULT_ENGINE, greedy: Greedy | None = None) -> range:
     """The layer window where knocking out `edge` changes the answer probability most (most negative change)."""
     table = layer_sweep(model, inp, [edge], window, engine, greedy=greedy)
     centre = int(table.loc[table["relative_change_pct"].idxmin(), "layer"])
-    k = window or (inp.protocol or resolve_protocol("checkpoint", model)).window(model.n_layers)
+    k = inp.protocol.choose_window(window, model.n_layers)
     return layer_window(centre, k, model.n_layers)
 
 
@@ -51,7 +51,7 @@ def head_sweep(
     edge: str | Edge,
     layers: Sequence[int] | range | None = None,
     heads: Sequence[int] | None = None,
-    engine: str | Engine = "fast",
+    engine: str | Engine = DEFAULT_ENGINE,
     question_id: str = "",
     greedy: Greedy | None = None,
 ) -> pd.DataFrame:

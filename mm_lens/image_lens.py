@@ -41,13 +41,15 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mm_lens.errors import MMLensError
+from mm_lens.lens import first_token_id, lens_hook_names
+from mm_lens.protocol import vocab_softmax
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
+    from mm_lens.inputs import MultimodalInput
     from mm_lens.model import HookedLlava
     from mm_lens.protocol import LensReadout
-    from mm_lens.regions import MultimodalInput
 
 #: Per-image-token columns of both tables (``grid_row`` / ``grid_col``: LLaVA-NeXT's joined any-res grid).
 TOKEN_COLUMNS = ["layer", "position", "tile", "row", "col", "grid_row", "grid_col"]
@@ -68,7 +70,6 @@ class ImageLensResult:
 
 def _word_ids(tokenizer, words: Sequence[str] | Mapping[str, str] | None) -> dict[str, int]:
     """``{label: first token id}``; a list of words is labelled by the words themselves."""
-    from mm_lens.lens import first_token_id
 
     if words is None:
         return {}
@@ -83,7 +84,6 @@ def image_resid(
 ) -> Float[Tensor, "point image_token d_model"]:
     """The residual stream at every image position, at every point of `readout` (one forward pass; only the
     image rows are kept)."""
-    from mm_lens.lens import lens_hook_names
 
     names = lens_hook_names(model.n_layers, readout)
     positions = torch.tensor(inp.regions.image_positions, dtype=torch.long)
@@ -120,9 +120,8 @@ def image_token_lens(
     tracked (e.g. ``["ball", "red"]``); ``readout``: ``"raw"`` / ``"norm"`` (default: the input's protocol's);
     ``chunk_size``: image tokens unembedded at once.
     """
-    from mm_lens.protocol import CHECKPOINT, vocab_softmax
 
-    lens = (inp.protocol or CHECKPOINT).with_readout(readout).readout
+    lens = inp.protocol.with_readout(readout).readout
     regions = inp.regions
     if not regions.image_positions:
         raise MMLensError("the input has no image tokens; prepare it with an image")

@@ -27,14 +27,17 @@ from torch import Tensor
 from mm_lens import hook_points
 from mm_lens.analyses import LENS, collect
 from mm_lens.errors import MMLensError
+from mm_lens.inputs import prepare
+from mm_lens.protocol import vocab_softmax
+from mm_lens.sweep import WRONG_ANSWER, greedy_answer
 from mm_lens.types import Sample, SampleSkip, Skip
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from mm_lens.inputs import MultimodalInput
     from mm_lens.model import HookedLlava
     from mm_lens.protocol import LensReadout, Protocol
-    from mm_lens.regions import MultimodalInput
 
 LENS_COLUMNS = list(LENS.columns)
 
@@ -73,9 +76,8 @@ def layer_probs(
 
     ``readout``: ``"raw"`` / ``"norm"`` (or a `LensReadout`); None takes the input's protocol's.
     """
-    from mm_lens.protocol import CHECKPOINT, vocab_softmax
 
-    lens = (inp.protocol or CHECKPOINT).with_readout(readout).readout
+    lens = inp.protocol.with_readout(readout).readout
     bridge = model.bridge
     names = lens_hook_names(model.n_layers, lens)
     wanted = set(names)
@@ -126,8 +128,6 @@ def lens_sample(
 ) -> pd.DataFrame:
     """Rows ``question_id, layer, form, prob`` of one sample; `SampleSkip` when it cannot be analysed, or
     when the protocol keeps correct answers only (the study's) and the model answers wrongly."""
-    from mm_lens.regions import prepare
-    from mm_lens.sweep import WRONG_ANSWER, greedy_answer
 
     try:
         inp = prepare(model, load_image(sample), sample.question, protocol=protocol)

@@ -1,4 +1,7 @@
-"""Load a LLaVA-family checkpoint as a TransformerLens ``TransformerBridge`` plus its processor."""
+"""Load a LLaVA-family checkpoint as a TransformerLens ``TransformerBridge`` plus its processor, and what mm-lens
+knows of a model family from its files alone: the supported types, the image token, whether it is one of the
+study's families (`study_conversation`), and so which protocol ``auto`` means (`resolve_protocol`,
+`protocol_for_checkpoint`) and which precision `load` picks by default."""
 
 from __future__ import annotations
 
@@ -6,13 +9,15 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mm_lens.compat import boot_bridge
 from mm_lens.errors import MMLensError
+from mm_lens.protocol import CHECKPOINT, LLAVA_LLAMA_3, PROTOCOL_NAMES, STUDY, VICUNA_V1, Conversation, Protocol
 
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 
@@ -39,6 +44,8 @@ class HookedLlava:
     name: str  # path or hub id it was loaded from
     #: Self-checks passed on this model (`mm_lens.selfcheck`): kind -> the difference measured.
     self_checks: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
+    #: What protocol "auto" resolves to for this model (`resolve_protocol`, once per loaded model).
+    auto_protocol: Protocol | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_layers(self) -> int:
@@ -64,6 +71,11 @@ class HookedLlava:
     def config(self) -> Any:
         """The Hugging Face config of the whole multimodal model."""
         return self.hf_model.config
+
+    @property
+    def image_token_id(self) -> int | None:
+        """The id of the image token in the vocabulary (`image_token_id` of the config)."""
+        return image_token_id(self.config)
 
 
 def _is_local_path(name: str) -> bool:
@@ -143,10 +155,8 @@ def _offline() -> Iterator[None]:
 
 
 def _default_dtype(name: str, processor: Any, device: str | None) -> torch.dtype:
-    """The auto protocol's precision for this checkpoint on `device` (see `mm_lens.protocol`)."""
+    """The auto protocol's precision for this checkpoint on `device`."""
     from transformers import AutoConfig
-
-    from mm_lens.protocol import CHECKPOINT, STUDY, study_conversation
 
     try:
         config = AutoConfig.from_pretrained(name)
@@ -185,7 +195,6 @@ def load(
     """
     from transformers import AutoConfig, AutoProcessor
 
-    from mm_lens.compat import boot_bridge
 
     name = os.fspath(path_or_hub_id)
     torch_dtype = None if dtype is None else _resolve_dtype(dtype)
@@ -230,3 +239,98 @@ def load(
     bridge.processor = processor
     bridge.eval()
     return HookedLlava(bridge=bridge, processor=processor, model_type=model_type, name=name)
+
+
+# ------------------------------------------------------------------------------------------ families and protocols
+
+
+def image_token_id(config: Any) -> int | None:
+    """The id of the image token in the model's vocabulary (None when the config names none)."""
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    return None if token is None else int(token)
+
+
+def study_conversation(config: Any, tokenizer: Any) -> Conversation | None:
+    """The study's conversation for a checkpoint of one of its families, else None.
+
+    LLaVA-1.5 (``llava``) with a Vicuna (Llama-2 vocabulary) language model -> ``vicuna_v1``; LLaVA-NeXT
+    (``llava_next``) with Vicuna -> ``vicuna_v1``, with Llama-3 -> ``llava_llama_3``. The vision tower must be
+    CLIP at 336 px with 14 px patches, the language model a Llama.
+    """
+    model_type = getattr(config, "model_type", None)
+    text = getattr(config, "text_config", None)
+    vision = getattr(config, "vision_config", None)
+    if model_type not in ("llava", "llava_next") or text is None or vision is None:
+        return None
+    if getattr(text, "model_type", None) != "llama" or getattr(vision, "model_type", None) not in (
+        "clip_vision_model", "clip"
+    ):
+        return None
+    if int(getattr(vision, "image_size", 0)) != 336 or int(getattr(vision, "patch_size", 0)) != 14:
+        return None
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    if tokenizer.bos_token == "<|begin_of_text|>" and "<|start_header_id|>" in vocab and len(vocab) >= 128256:
+        return LLAVA_LLAMA_3 if model_type == "llava_next" else None
+    if tokenizer.bos_token == "<s>" and vocab.get("▁") == 29871 and len(vocab) >= 32000:
+        return VICUNA_V1
+    return None
+
+
+def study_protocol(model: HookedLlava) -> Protocol:
+    """The study protocol with the conversation of `model`'s family; an error when it is not a study model."""
+    conversation = study_conversation(model.config, model.tokenizer)
+    if conversation is None:
+        raise MMLensError(
+            f"{model.name!r} is not one of the study's model families (LLaVA-1.5 / LLaVA-NeXT with a "
+            "Vicuna/Llama-2 or Llama-3 language model and a 336 px CLIP tower); use --protocol checkpoint"
+        )
+    return replace(STUDY, conversation=conversation)
+
+
+def resolve_protocol(protocol: str | Protocol | None, model: HookedLlava) -> Protocol:
+    """The `Protocol` a name means for `model` (``auto``: the study's for its families, else the checkpoint's)."""
+    if isinstance(protocol, Protocol):
+        return replace(protocol, conversation=study_protocol(model).conversation) if protocol.needs_conversation \
+            else protocol
+    name = "auto" if protocol is None else str(protocol).strip().lower()
+    if name not in PROTOCOL_NAMES:
+        raise MMLensError(f"protocol {protocol!r} is not known; use one of {', '.join(PROTOCOL_NAMES)}")
+    if name == "auto":
+        if model.auto_protocol is None:  # resolved once per loaded model
+            conversation = study_conversation(model.config, model.tokenizer)
+            model.auto_protocol = replace(STUDY, conversation=conversation) if conversation else CHECKPOINT
+        return model.auto_protocol
+    if name == "study":
+        return study_protocol(model)
+    return CHECKPOINT
+
+
+def protocol_for_checkpoint(protocol: str | None, path: str) -> Protocol:
+    """Resolve a protocol name from a checkpoint's files alone (config and tokenizer, no weights).
+
+    Runs record the resolved protocol in their configuration before the model is loaded.
+    """
+    name = "auto" if protocol is None else str(protocol).strip().lower()
+    if name not in PROTOCOL_NAMES:
+        raise MMLensError(f"protocol {protocol!r} is not known; use one of {', '.join(PROTOCOL_NAMES)}")
+    if name == "checkpoint":
+        return CHECKPOINT
+    from transformers import AutoConfig, AutoTokenizer
+
+    with offline_if_local(path):
+        try:
+            config = AutoConfig.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:  # hub and file errors come in many types
+            raise MMLensError(f"cannot read the config / tokenizer of {path!r}: {exc}") from exc
+    conversation = study_conversation(config, tokenizer)
+    if conversation is None:
+        if name == "study":
+            raise MMLensError(
+                f"{path!r} is not one of the study's model families (LLaVA-1.5 / LLaVA-NeXT with a Vicuna/Llama-2 "
+                "or Llama-3 language model and a 336 px CLIP tower); use --protocol checkpoint"
+            )
+        return CHECKPOINT
+    return replace(STUDY, conversation=conversation)

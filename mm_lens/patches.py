@@ -22,6 +22,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from jaxtyping import Bool, Float
 
 from mm_lens.errors import MMLensError
 from mm_lens.types import Box, SampleSkip
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 MAX_SIDE = 65535  # coordinates are spelled in two 8-bit channels
 CROPPED_KIND = "box outside the centre crop"
@@ -401,7 +405,7 @@ def region_tokens(regions) -> list[TokenPatch]:
     out = [TokenPatch.of(token) for token in regions.image_tokens if token.box is not None]
     if not out:
         raise MMLensError(
-            "the region map has no patch rectangles (ImageToken.box); build it with mm_lens.regions.prepare"
+            "the region map has no patch rectangles (ImageToken.box); build it with mm_lens.prepare"
         )
     return out
 
@@ -415,7 +419,7 @@ def patch_sets(model, image_size: tuple[int, int], regions, boxes: Sequence[Box 
 
 
 def related_and_other(model, image, regions, boxes) -> tuple[list[int], list[int]]:
-    """Hook for `mm_lens.regions.prepare(..., boxes=...)`: the related and other position lists."""
+    """The exact rule's related and other position lists (the checkpoint pipeline's, `mm_lens.encoders`)."""
     found = patch_sets(model, image.size, regions, boxes)
     return found.related, found.other
 
@@ -443,8 +447,6 @@ def red_mask_patches(
     included). Boxes are ``Box`` (x, y, w, h) or ``(x, y, w, h)`` in image pixels, drawn as the study draws
     ``(int(x), int(y), int(x) + int(w), int(y) + int(h))``.
     """
-    from mm_lens.protocol import pure_red, red_mask
-
     drawn = []
     for raw in boxes:
         box = _as_box(raw)
@@ -463,3 +465,23 @@ def red_mask_patches(
         else:
             other.append(token.position)
     return related, other
+
+
+def red_mask(image_size: tuple[int, int], boxes: Sequence[tuple[int, int, int, int]]) -> Image:
+    """The study's ``create_mask_with_bbox``: a green image with the boxes ``(x0, y0, x1, y1)`` filled red.
+
+    PIL's rectangle includes both corners, as in the study.
+    """
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+
+    mask = PILImage.new("RGB", image_size, (0, 255, 0))
+    draw = ImageDraw.Draw(mask)
+    for box in boxes:
+        draw.rectangle(box, fill=(255, 0, 0))
+    return mask
+
+
+def pure_red(tiles: np.ndarray) -> np.ndarray:
+    """Boolean ``[..., H, W]`` of the pixels that are exactly (255, 0, 0) in channel-first ``[..., 3, H, W]``."""
+    return (tiles[..., 0, :, :] == 255) & (tiles[..., 1, :, :] == 0) & (tiles[..., 2, :, :] == 0)

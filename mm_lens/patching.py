@@ -50,14 +50,18 @@ from torch import Tensor
 
 from mm_lens import hook_points
 from mm_lens.errors import MMLensError
+from mm_lens.inputs import assign_boxes, prepare
+from mm_lens.lens import first_token_id
+from mm_lens.protocol import vocab_softmax
+from mm_lens.regions import ALIASES, CENTRAL_OBJECT, FALSE_OPTION, PATCH_REGIONS, QUESTION_WITHOUT_OPTIONS, TRUE_OPTION
 from mm_lens.types import Sample, SampleSkip, Skip, boxes_for, check_sample
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from mm_lens.inputs import MultimodalInput
     from mm_lens.model import HookedLlava
     from mm_lens.protocol import Protocol
-    from mm_lens.regions import MultimodalInput
 
 #: Activation sites `patching_sweep` can write, ``blocks.{l}.hook_{site}``.
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -177,14 +181,12 @@ def _resid_mid_hooks(layer: int, rows: Tensor, poss: Tensor, clean_mid: Tensor):
 
 
 def _last_probs(model: HookedLlava, logits: Tensor, inp: MultimodalInput) -> Float[Tensor, "batch vocab"]:
-    from mm_lens.protocol import vocab_softmax
 
     return vocab_softmax(logits[:, -1], inp.vocab_size(model))
 
 
 def _token_id(model: HookedLlava, token: int | str) -> int:
     if isinstance(token, str):
-        from mm_lens.lens import first_token_id
 
         return first_token_id(model.tokenizer, token)
     return int(token)
@@ -418,7 +420,6 @@ def _options_pair(sample: Sample, tokenizer) -> PatchPair:
 
 def _spans_for(sample: Sample, region: str | Sequence[int]) -> dict[str, str]:
     """The text spans a region name needs, from the sample's columns."""
-    from mm_lens.regions import CENTRAL_OBJECT, FALSE_OPTION, QUESTION_WITHOUT_OPTIONS, TRUE_OPTION
 
     if not isinstance(region, str):
         return {}
@@ -457,7 +458,6 @@ def patching_sample(
     whose two inputs do not share their layout raises `SampleSkip` (kind ``"layout mismatch"``), as do a
     missing image, span or box, so a run can skip the pair and record why.
     """
-    from mm_lens.regions import FALSE_OPTION, TRUE_OPTION, assign_boxes, prepare
 
     sample = pair.sample
     qid = str(sample.question_id)
@@ -492,7 +492,6 @@ def patching_sample(
 
 def _options_moved(clean: MultimodalInput, corrupt: MultimodalInput) -> str | None:
     """With the options swapped, each option must sit where the other one was and every other token stay put."""
-    from mm_lens.regions import FALSE_OPTION, TRUE_OPTION
 
     a, b = clean.regions.spans, corrupt.regions.spans
     if a[TRUE_OPTION] != b[FALSE_OPTION] or a[FALSE_OPTION] != b[TRUE_OPTION]:
@@ -511,7 +510,6 @@ def _options_moved(clean: MultimodalInput, corrupt: MultimodalInput) -> str | No
 
 def _needs_boxes(region: str) -> bool:
     """Whether a region name is a related / other patch set (it needs the sample's boxes)."""
-    from mm_lens.regions import ALIASES, PATCH_REGIONS
 
     names = {n.lower() for n in PATCH_REGIONS} | {a.lower() for a, t in ALIASES.items() if t in PATCH_REGIONS}
     return region.strip().lower() in names

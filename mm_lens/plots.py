@@ -26,6 +26,7 @@ import plotly.graph_objects as go
 from scipy import stats
 
 from mm_lens.errors import MMLensError
+from mm_lens.knockout import STUDY_BLOCKS
 
 
 def _need(df: pd.DataFrame, columns: list[str], what: str) -> None:
@@ -164,7 +165,6 @@ def _rgba(hex_color: str, alpha: float) -> str:
 
 def _block_order(blocks) -> list[str]:
     """Study blocks first in the study's order, then any others in order of appearance."""
-    from mm_lens.knockout import STUDY_BLOCKS
 
     seen = list(dict.fromkeys(str(b) for b in blocks))
     return [b for b in STUDY_BLOCKS if b in seen] + [b for b in seen if b not in STUDY_BLOCKS]

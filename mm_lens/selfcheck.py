@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
+from mm_lens.engines import fast_engine, reference_engine
 from mm_lens.errors import SetupError
+from mm_lens.knockout import edge_positions
 
 if TYPE_CHECKING:
     from mm_lens.engines import CleanPass
+    from mm_lens.inputs import MultimodalInput
     from mm_lens.knockout import Edge
     from mm_lens.model import HookedLlava
-    from mm_lens.regions import MultimodalInput
 
 #: Largest difference accepted: log-probabilities (cache) and relative probability (engine), by precision.
 TOLERANCE = {"full": {"cache": 1e-3, "engine": 1e-4}, "half": {"cache": 0.1, "engine": 0.02}}
@@ -88,8 +90,6 @@ def check_engine(model: HookedLlava, inp: MultimodalInput, edges: Sequence[Edge]
 
     The window is the one around the middle layer, the edge the first whose regions are not empty.
     """
-    from mm_lens.engines import fast_engine, reference_engine
-    from mm_lens.knockout import edge_positions
 
     usable = [e for e in edges if all(len(p) for p in edge_positions(inp.regions, e))]
     if not usable or not windows:

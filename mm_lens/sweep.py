@@ -18,10 +18,12 @@ import torch
 
 from mm_lens import selfcheck
 from mm_lens.analyses import FLOW, collect
-from mm_lens.engines import CleanPass, Engine, clean_pass, get_engine
+from mm_lens.engines import DEFAULT_ENGINE, CleanPass, Engine, clean_pass, get_engine
 from mm_lens.errors import MMLensError
+from mm_lens.inputs import assign_boxes, prepare
 from mm_lens.knockout import Edge, parse_edge
-from mm_lens.protocol import CHECKPOINT_ANSWER, AnswerRule, Protocol, resolve_protocol, vocab_softmax
+from mm_lens.model import resolve_protocol
+from mm_lens.protocol import CHECKPOINT_ANSWER, AnswerRule, Protocol, vocab_softmax
 from mm_lens.regions import ALIASES, CENTRAL_OBJECT, FALSE_OPTION, SPAN_NAMES, TRUE_OPTION
 from mm_lens.regions import PATCH_REGIONS as _PATCHES
 from mm_lens.types import Sample, SampleSkip, Skip, boxes_for, check_sample
@@ -29,8 +31,8 @@ from mm_lens.types import Sample, SampleSkip, Skip, boxes_for, check_sample
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from mm_lens.inputs import MultimodalInput
     from mm_lens.model import HookedLlava
-    from mm_lens.regions import MultimodalInput
 
 FLOW_COLUMNS = list(FLOW.columns)
 PATCH_REGIONS = (*_PATCHES, *(a for a, t in ALIASES.items() if t in _PATCHES))  # regions that need boxes
@@ -81,7 +83,7 @@ def greedy_answer(
     cached decoding on a model is self-checked against an uncached forward (`mm_lens.selfcheck`).
     """
     bridge, tokenizer = model.bridge, model.tokenizer
-    rule = rule or (inp.protocol.answer if inp.protocol is not None else CHECKPOINT_ANSWER)
+    rule = rule or inp.protocol.answer
     limit = rule.max_new_tokens if max_new_tokens is None else max_new_tokens
     n_vocab = inp.vocab_size(model)
     input_ids, kwargs = inp.forward_args()
@@ -135,7 +137,7 @@ def layer_sweep(
     inp: MultimodalInput,
     blocks: Sequence[str | Edge],
     window: int | None = None,
-    engine: str | Engine = "fast",
+    engine: str | Engine = DEFAULT_ENGINE,
     question_id: str = "",
     greedy: Greedy | None = None,
     progress: bool = False,
@@ -149,8 +151,7 @@ def layer_sweep(
     if not parsed:
         raise MMLensError("sweep needs at least one block, e.g. 'Image->Question'")
     n_layers = model.n_layers
-    if window is None:
-        window = (inp.protocol or resolve_protocol("checkpoint", model)).window(n_layers)
+    window = inp.protocol.choose_window(window, n_layers)
     windows = [layer_window(layer, window, n_layers) for layer in range(n_layers)]
     run = get_engine(engine)
     clean = greedy.clean if greedy is not None else None
@@ -230,7 +231,7 @@ def flow_sample(
     blocks: Sequence[Edge],
     window: int | None = None,
     all_samples: bool = False,
-    engine: str = "fast",
+    engine: str | Engine = DEFAULT_ENGINE,
     protocol: str | Protocol | None = "auto",
 ) -> pd.DataFrame:
     """The sweep rows of one sample; `SampleSkip` when it cannot be analysed or (unless ``all_samples``)
@@ -239,7 +240,6 @@ def flow_sample(
     Under the study protocol a sample whose boxes are unusable keeps its rows for the blocks that need no
     boxes (as in the study); under the checkpoint protocol it is skipped.
     """
-    from mm_lens.regions import assign_boxes, prepare
 
     try:
         image = load_image(sample)
@@ -269,7 +269,7 @@ def flow_samples(
     blocks: Sequence[str],
     window: int | None = None,
     all_samples: bool = False,
-    engine: str = "fast",
+    engine: str | Engine = DEFAULT_ENGINE,
     progress: bool = True,
     protocol: str | Protocol | None = "auto",
 ) -> FlowResult:
@@ -281,8 +281,7 @@ def flow_samples(
     parsed = [parse_edge(b, extra_names=SPAN_NAMES) for b in blocks]
     get_engine(engine)
     protocol = resolve_protocol(protocol, model)
-    window = protocol.window(model.n_layers) if window is None else window
-    layer_window(0, window, model.n_layers)  # a bad window fails before any sample is run
+    window = protocol.choose_window(window, model.n_layers)  # a bad window fails before any sample is run
     samples = list(samples)
     tables, skips = collect(
         samples, lambda s: flow_sample(model, s, load_image, parsed, window, all_samples, engine, protocol),

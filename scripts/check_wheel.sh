@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The wheel as a user gets it: build the sdist and the wheel (from the sdist) out of a clean checkout of HEAD
 # (`git archive`: committed files only), install the wheel with the CPU torch wheel into a fresh virtual environment,
-# `pip check` it, and run `mm-lens demo` from a directory outside the repository.
+# `pip check` it, run `mm-lens demo` from a directory outside the repository, and run the engine equivalence tests
+# (tests/test_engine.py, test_compat.py, test_selfcheck.py) against the installed package.
 # That venv has no constraints (torch aside): it is the newest releases inside pyproject.toml's declared ranges, as a
 # user who installs the wheel today gets them. The script checks that pip resolved the newest release in range of
 # every fenced dependency (those with a `<=` ceiling: so CI has run each ceiling itself) and fails if not; for the
@@ -130,6 +131,18 @@ EOF
     cd "$repo"
 }
 
+# equivalence ENV_NAME : the engine equivalence, cache and self-check tests against the installed wheel (a copy of
+# tests/ run outside the checkout, so that mm_lens comes from the venv): the numbers must hold on every tested set.
+equivalence() {
+    local env="$work/$1"
+    quiet_pip "$env/bin/python" -m pip install -q -c "$work/torch-only.txt" "pytest>=8"
+    rm -rf "$work/tests" && cp -r "$repo/tests" "$work/tests"
+    (cd "$work/tests" && "$env/bin/python" -c "import mm_lens, sys; sys.exit(0 if '$env' in mm_lens.__file__ else \
+        'mm_lens imported from ' + mm_lens.__file__)" && "$env/bin/pytest" -q -p no:cacheprovider --rootdir . \
+        test_compat.py test_selfcheck.py test_engine.py) || { echo "equivalence tests failed in $1" >&2; return 1; }
+}
+echo "$torch_pin" >"$work/torch-only.txt"
+
 step "fresh venv: $torch_pin, then the wheel"
 "$python" -m venv "$work/venv"
 quiet_pip "$work/venv/bin/python" -m pip install -q "$torch_pin"
@@ -138,7 +151,9 @@ step "newest releases in the declared ranges: pip's choice for each requirement 
 newest_in_range venv
 step "installed versions, pip check"
 check venv
-step "installed wheel (newest in range): pip check clean, demo wrote report.html"
+step "newest in range: engine equivalence, cache and self-check tests"
+equivalence venv
+step "installed wheel (newest in range): pip check clean, demo wrote report.html, equivalence tests pass"
 
 if [ "$floors" = 1 ]; then
     step "floors: every dependency pinned to its floor"
@@ -165,6 +180,8 @@ EOF
     quiet_pip "$work/venv-floors/bin/python" -m pip install -q -c "$work/floors.txt" "$wheel"
     step "floors: installed versions, pip check"
     check venv-floors --per-task 3
-    step "floors: pip check clean, demo wrote report.html"
+    step "floors: engine equivalence, cache and self-check tests"
+    equivalence venv-floors
+    step "floors: pip check clean, demo wrote report.html, equivalence tests pass"
 fi
 step "ok"

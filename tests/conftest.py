@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+
+from helpers import save_tiny_llava, text_config, vision_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -84,40 +85,6 @@ def build_tokenizer(out_dir: Path):
     return fast
 
 
-def _text_config(vocab_size: int, pad_id: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        initializer_range=0.1,
-        pad_token_id=pad_id,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-
-
-def _vision_config():
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=32,
-    )
-
-
 def build_tiny_checkpoint(out_dir: Path, model_type: str, seed: int = 0) -> Path:
     """Save a random tiny ``llava`` or ``llava_next`` model + processor to ``out_dir``."""
     import transformers as tf
@@ -127,18 +94,6 @@ def build_tiny_checkpoint(out_dir: Path, model_type: str, seed: int = 0) -> Path
     tokenizer = build_tokenizer(out_dir)
     tokenizer.save_pretrained(out_dir)
     tokenizer = tf.AutoTokenizer.from_pretrained(out_dir)  # reload: in-memory tokenizers break the bridge
-    vocab_size = len(tokenizer)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    pad_id = tokenizer.pad_token_id
-    common = dict(
-        vision_config=_vision_config(),
-        text_config=_text_config(vocab_size, pad_id),
-        image_token_id=image_token_id,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-    )
     image_kwargs = dict(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -146,31 +101,17 @@ def build_tiny_checkpoint(out_dir: Path, model_type: str, seed: int = 0) -> Path
         image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )
-    torch.manual_seed(seed)
     if model_type == "llava":
-        config = tf.LlavaConfig(**common)
-        model = tf.LlavaForConditionalGeneration(config)
         image_processor = tf.LlavaImageProcessorPil(**image_kwargs)
-        processor_cls = tf.LlavaProcessor
     elif model_type == "llava_next":
-        config = tf.LlavaNextConfig(image_grid_pinpoints=GRID_PINPOINTS, **common)
-        model = tf.LlavaNextForConditionalGeneration(config)
         image_processor = tf.LlavaNextImageProcessorPil(image_grid_pinpoints=GRID_PINPOINTS, **image_kwargs)
-        processor_cls = tf.LlavaNextProcessor
     else:
         raise ValueError(model_type)
-    model.eval()
-    model.save_pretrained(out_dir)
-    processor = processor_cls(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA15_CHAT_TEMPLATE,
+    return save_tiny_llava(
+        out_dir, model_type, tokenizer, text_config(len(tokenizer), tokenizer.pad_token_id),
+        vision_config(IMAGE_SIZE, PATCH_SIZE), image_processor, LLAVA15_CHAT_TEMPLATE,
+        grid_pinpoints=GRID_PINPOINTS, seed=seed,
     )
-    processor.save_pretrained(out_dir)
-    return out_dir
 
 
 def random_image(width: int = 32, height: int = 32, seed: int = 0) -> Image.Image:

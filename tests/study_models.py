@@ -41,6 +41,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers import save_tiny_llava, text_config, vision_config
+
 RECIPE_VERSION = 1
 
 IMAGE_SIZE = 336
@@ -448,46 +450,8 @@ def _check_tokenizer(tokenizer, spec: StudySpec) -> None:
 # ------------------------------------------------------------------------------------------------ checkpoint
 
 
-def _text_config(spec: StudySpec):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=spec.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        rope_theta=spec.rope_theta,
-        rms_norm_eps=1e-5,
-        initializer_range=0.15,  # large enough that next-token distributions are far from uniform
-        pad_token_id=spec.pad_token_id,
-        bos_token_id=spec.bos_token_id,
-        eos_token_id=spec.eos_token_id,
-        tie_word_embeddings=False,
-    )
-
-
-def _vision_config():
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=32,
-        hidden_act="quick_gelu",  # CLIP ViT-L/14-336
-        layer_norm_eps=1e-5,
-    )
-
-
 def build_study_checkpoint(kind: str, out_dir: Path, seed: int = 0) -> Path:
     """Save a tiny random model + real-tokenizer processor mirroring ``SPECS[kind].hf_id`` to ``out_dir``."""
-    import torch
     import transformers as tf
 
     if kind not in SPECS:
@@ -498,15 +462,13 @@ def build_study_checkpoint(kind: str, out_dir: Path, seed: int = 0) -> Path:
     with tempfile.TemporaryDirectory(prefix=".tok-", dir=out_dir) as scratch:
         tokenizer = build_study_tokenizer(kind, Path(scratch))
         _check_tokenizer(tokenizer, spec)
-        common = dict(
-            vision_config=_vision_config(),
-            text_config=_text_config(spec),
-            image_token_id=spec.image_token_id,
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-2,
-            projector_hidden_act="gelu",
-            tie_word_embeddings=False,
+        text = text_config(
+            spec.vocab_size, spec.pad_token_id, spec.bos_token_id, spec.eos_token_id,
+            kv_heads=spec.num_key_value_heads, max_positions=spec.max_position_embeddings,
+            initializer_range=0.15,  # large enough that next-token distributions are far from uniform
+            rope_theta=spec.rope_theta,
         )
+        vision = vision_config(IMAGE_SIZE, PATCH_SIZE, hidden_act="quick_gelu", layer_norm_eps=1e-5)  # CLIP ViT-L/14
         image_kwargs = dict(
             size={"shortest_edge": IMAGE_SIZE},
             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -519,33 +481,19 @@ def build_study_checkpoint(kind: str, out_dir: Path, seed: int = 0) -> Path:
             image_mean=CLIP_MEAN,
             image_std=CLIP_STD,
         )
-        torch.manual_seed(seed)
+        generation = {"bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id,
+                      "pad_token_id": spec.pad_token_id}
         if spec.model_type == "llava":
-            config = tf.LlavaConfig(image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, **common)
-            model = tf.LlavaForConditionalGeneration(config)
             image_processor = tf.CLIPImageProcessorPil(**image_kwargs)  # llava-1.5-7b-hf ships CLIPImageProcessor
-            processor_cls = tf.LlavaProcessor
+            extra = {"image_seq_length": (IMAGE_SIZE // PATCH_SIZE) ** 2}
         else:
-            config = tf.LlavaNextConfig(image_grid_pinpoints=NEXT_GRID_PINPOINTS, **common)
-            model = tf.LlavaNextForConditionalGeneration(config)
             image_processor = tf.LlavaNextImageProcessorPil(
                 image_grid_pinpoints=NEXT_GRID_PINPOINTS, do_pad=True, **image_kwargs
             )
-            processor_cls = tf.LlavaNextProcessor
-        model.generation_config.bos_token_id = spec.bos_token_id
-        model.generation_config.eos_token_id = spec.eos_token_id
-        model.generation_config.pad_token_id = spec.pad_token_id
-        model.eval()
-        model.save_pretrained(out_dir)
-        processor = processor_cls(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=PATCH_SIZE,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=spec.chat_template,
-        )
-        processor.save_pretrained(out_dir)
+            extra = {}
+        save_tiny_llava(out_dir, spec.model_type, tokenizer, text, vision, image_processor, spec.chat_template,
+                        grid_pinpoints=NEXT_GRID_PINPOINTS, seed=seed, generation=generation,
+                        image_token_id=spec.image_token_id, **extra)
     _check_tokenizer(tf.AutoTokenizer.from_pretrained(out_dir), spec)
     return out_dir
 

@@ -16,7 +16,7 @@ from mm_lens.attention import (
 )
 from mm_lens.data.gqa import Sample, SampleSkip
 from mm_lens.errors import MMLensError
-from mm_lens.regions import prepare
+from mm_lens.inputs import prepare
 
 QUESTION = "What color is the ball?"
 

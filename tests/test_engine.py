@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from mm_lens.engines import _Stack, clean_pass, fast_engine, reference_engine
+from mm_lens.inputs import prepare
 from mm_lens.knockout import Edge as Block
 from mm_lens.knockout import block_hooks
 from mm_lens.knockout import parse_edge as parse_block
 from mm_lens.model import load
 from mm_lens.protocol import vocab_softmax
-from mm_lens.regions import prepare
 from mm_lens.sweep import layer_window
 
 BLOCKS = ["Image->Question", "Question->Last", "Image->Last", "Last->Last", "True Option->Last"]

@@ -8,8 +8,8 @@ import torch
 
 from mm_lens.errors import MMLensError
 from mm_lens.heads import HEAD_COLUMNS, head_sweep, n_heads
+from mm_lens.inputs import prepare
 from mm_lens.knockout import block_hooks
-from mm_lens.regions import prepare
 
 QUESTION = "What color is the ball?"
 EDGE = "Image->Last"

@@ -8,8 +8,8 @@ import torch
 
 from mm_lens.errors import MMLensError
 from mm_lens.image_lens import TOP_COLUMNS, WORD_COLUMNS, image_lens_figure, image_token_lens
+from mm_lens.inputs import prepare
 from mm_lens.protocol import LensReadout
-from mm_lens.regions import prepare
 
 QUESTION = "Is the ball red or blue ?"
 WORDS = ["ball", "red", "Blue"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mm_lens.errors import MMLensError
+from mm_lens.inputs import prepare
 from mm_lens.lens import answer_forms, answer_lens, first_token_id, layer_probs
-from mm_lens.regions import prepare
 
 QUESTION = "Is the ball red or blue ?"
 

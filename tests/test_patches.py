@@ -12,8 +12,8 @@ from conftest import LLAVA15_CHAT_TEMPLATE, build_tokenizer
 from mm_lens import patches
 from mm_lens.data.gqa import TASKS, Box, SampleSkip, check_sample, load_task
 from mm_lens.errors import MMLensError
+from mm_lens.inputs import prepare
 from mm_lens.model import HookedLlava
-from mm_lens.regions import prepare
 
 QUESTION = "What color is the ball?"
 REAL_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]

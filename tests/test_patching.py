@@ -10,6 +10,7 @@ import torch
 
 from mm_lens.data.gqa import Sample, SampleSkip
 from mm_lens.errors import MMLensError
+from mm_lens.inputs import prepare
 from mm_lens.patching import (
     LAYOUT_MISMATCH,
     PATCHING_COLUMNS,
@@ -19,7 +20,6 @@ from mm_lens.patching import (
     patching_sweep,
     swap_options,
 )
-from mm_lens.regions import prepare
 
 QUESTION = "Is the ball red or blue ?"
 

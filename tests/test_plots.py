@@ -13,8 +13,8 @@ from PIL import Image
 from mm_lens import plots
 from mm_lens.data.gqa import Box
 from mm_lens.errors import MMLensError
+from mm_lens.inputs import prepare
 from mm_lens.patches import patch_sets
-from mm_lens.regions import prepare
 
 QUESTION = "What color is the ball?"
 

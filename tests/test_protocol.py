@@ -16,16 +16,10 @@ import torch
 
 from mm_lens.cli import main
 from mm_lens.errors import MMLensError
+from mm_lens.inputs import prepare
 from mm_lens.lens import answer_forms, answer_lens, layer_probs
-from mm_lens.protocol import (
-    CHECKPOINT,
-    LLAVA_LLAMA_3,
-    STUDY,
-    VICUNA_V1,
-    protocol_for_checkpoint,
-    resolve_protocol,
-)
-from mm_lens.regions import prepare
+from mm_lens.model import protocol_for_checkpoint, resolve_protocol
+from mm_lens.protocol import CHECKPOINT, LLAVA_LLAMA_3, STUDY, VICUNA_V1
 from mm_lens.sweep import greedy_answer
 from mm_lens.sweep import layer_sweep as sweep
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mm_lens.encoders import DEFAULT_INSTRUCTION
 from mm_lens.errors import MMLensError
-from mm_lens.regions import DEFAULT_INSTRUCTION, ImageToken, MultimodalInput, RegionMap, prepare
+from mm_lens.inputs import MultimodalInput, prepare
+from mm_lens.regions import ImageToken, RegionMap
 
 QUESTION = "Is the ball red or blue?"
 SIZES = [(32, 32), (48, 32), (32, 48), (64, 20), (20, 64), (64, 64)]  # (width, height)

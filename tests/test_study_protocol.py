@@ -151,7 +151,7 @@ SAMPLE_BOX = [(180, 120, 320, 260)]
 
 def shared_sample(kind, model, ref_model, computed):
     if kind not in computed:
-        from mm_lens.regions import prepare
+        from mm_lens.inputs import prepare
 
         question, true, false, obj = SAMPLE_QUESTION
         image = make_test_image(*SAMPLE_SIZE, seed=11)
@@ -207,7 +207,7 @@ def test_reference_reproduces_the_study_layout(request):
 
 @pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
 def test_tokens_pixels_and_positions_match_the_study(pair, size):
-    from mm_lens.regions import prepare
+    from mm_lens.inputs import prepare
 
     kind, model, ref_model = pair
     if layout_differs(kind, size):
@@ -250,7 +250,7 @@ def test_tokens_pixels_and_positions_match_the_study(pair, size):
 
 @pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
 def test_related_patches_match_the_study(pair, size):
-    from mm_lens.regions import prepare
+    from mm_lens.inputs import prepare
 
     kind, model, ref_model = pair
     if layout_differs(kind, size):
@@ -354,7 +354,7 @@ def test_next_layouts_hf_cannot_reproduce_are_skipped(request, size):
     sample with a reason instead of analysing a different input (15 of the 5,525 shipped rows, all ties).
     """
     from mm_lens.data.gqa import SampleSkip
-    from mm_lens.regions import prepare
+    from mm_lens.inputs import prepare
 
     model, ref_model = request.getfixturevalue("study_next_vicuna"), reference_model(request, "next_vicuna")
     question = QUESTIONS[0][0]
@@ -374,7 +374,7 @@ def test_shipped_next_layouts_the_study_protocol_skips():
     """Only small images (grid ties) of the shipped task sets differ, and none through unpad rounding."""
     import glob
 
-    from mm_lens.protocol import _next_grid, _unpadded
+    from mm_lens.encoders import _next_grid, _unpadded
 
     pins = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     frames = [pd.read_csv(f) for f in sorted(glob.glob(str(Path(__file__).parents[1] / "mm_lens/data/gqa/*.csv")))]

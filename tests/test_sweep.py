@@ -8,8 +8,8 @@ import torch
 from mm_lens.data.gqa import Sample, SampleSkip
 from mm_lens.engines import get_engine
 from mm_lens.errors import MMLensError
+from mm_lens.inputs import prepare
 from mm_lens.knockout import block_hooks
-from mm_lens.regions import prepare
 from mm_lens.sweep import FLOW_COLUMNS, greedy_answer, layer_window, normalize_answer
 from mm_lens.sweep import flow_samples as sweep_samples
 from mm_lens.sweep import layer_sweep as sweep

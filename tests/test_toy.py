@@ -63,7 +63,7 @@ def test_answers_are_balanced_where_the_task_is_binary():
 
 def test_training_prompt_is_what_prepare_builds(toy):
     """The recipe trains on exactly the token sequence `prepare` gives the model at analysis time."""
-    from mm_lens.regions import prepare
+    from mm_lens.inputs import prepare
     from mm_lens.toy.train import make_batch
 
     rng = random.Random(3)
@@ -78,7 +78,7 @@ def test_training_prompt_is_what_prepare_builds(toy):
 
 def test_toy_model_answers_held_out_questions(toy, held_out):
     """At least 90% of each task type answered correctly (greedy answer, normalised as in the study)."""
-    from mm_lens.regions import prepare
+    from mm_lens.inputs import prepare
     from mm_lens.sweep import greedy_answer, normalize_answer
 
     out, csvs = held_out
