@@ -1,23 +1,47 @@
-"""mm-lens: cross-modal information flow in LLaVA-family models, on TransformerLens."""
+"""mm-lens: cross-modal information flow in LLaVA-family models, on TransformerLens.
 
-from mm_lens.data.gqa import TASKS, load_task, open_image
-from mm_lens.encoders import DEFAULT_INSTRUCTION
-from mm_lens.errors import MMLensError
-from mm_lens.heads import head_sweep
-from mm_lens.image_lens import image_token_lens
-from mm_lens.inputs import MultimodalInput, prepare
-from mm_lens.knockout import Edge, block_hooks, knockout_hook, knockout_hooks, parse_edge
-from mm_lens.lens import answer_forms, answer_lens, layer_probs
-from mm_lens.model import HookedLlava, load
-from mm_lens.patching import patching_sweep
-from mm_lens.regions import RegionMap
-from mm_lens.sweep import flow_samples, greedy_answer, layer_sweep, layer_window
-from mm_lens.types import Box, Sample, SampleSkip
+The top-level names (``ml.load``, ``ml.prepare``, ``ml.layer_sweep``, ...) are imported from their modules when
+first used (PEP 562), so that ``import mm_lens.cli`` and ``mm-lens --help`` do not load torch.
+"""
 
-__all__ = [
-    "DEFAULT_INSTRUCTION", "TASKS", "Box", "Edge", "HookedLlava", "MMLensError", "MultimodalInput", "RegionMap",
-    "Sample", "SampleSkip", "answer_forms", "answer_lens", "block_hooks", "flow_samples", "greedy_answer",
-    "head_sweep", "image_token_lens", "knockout_hook", "knockout_hooks", "layer_probs", "layer_sweep",
-    "layer_window", "load", "load_task", "open_image", "parse_edge", "patching_sweep", "prepare",
-]
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from mm_lens.names import VERSION
+
+#: Each top-level name and the module that defines it.
+_EXPORTS = {
+    "TASKS": "mm_lens.data.gqa", "load_task": "mm_lens.data.gqa", "open_image": "mm_lens.data.gqa",
+    "DEFAULT_INSTRUCTION": "mm_lens.encoders",
+    "MMLensError": "mm_lens.errors",
+    "head_sweep": "mm_lens.heads",
+    "image_token_lens": "mm_lens.image_lens",
+    "MultimodalInput": "mm_lens.inputs", "prepare": "mm_lens.inputs",
+    "Edge": "mm_lens.knockout", "block_hooks": "mm_lens.knockout", "knockout_hook": "mm_lens.knockout",
+    "knockout_hooks": "mm_lens.knockout", "parse_edge": "mm_lens.knockout",
+    "answer_forms": "mm_lens.lens", "answer_lens": "mm_lens.lens", "layer_probs": "mm_lens.lens",
+    "HookedLlava": "mm_lens.model", "load": "mm_lens.model",
+    "patching_sweep": "mm_lens.patching",
+    "RegionMap": "mm_lens.regions",
+    "flow_samples": "mm_lens.sweep", "greedy_answer": "mm_lens.sweep", "layer_sweep": "mm_lens.sweep",
+    "layer_window": "mm_lens.sweep",
+    "Box": "mm_lens.types", "Sample": "mm_lens.types", "SampleSkip": "mm_lens.types",
+}
+
+__all__ = sorted(_EXPORTS)
+__version__ = VERSION
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # imported once
+        return value
+    raise AttributeError(f"module 'mm_lens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+

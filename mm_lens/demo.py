@@ -16,6 +16,11 @@ import pandas as pd
 from mm_lens.engines import DEFAULT_ENGINE
 from mm_lens.errors import MMLensError
 from mm_lens.knockout import STANDARD_BLOCKS
+from mm_lens.model import load
+from mm_lens.report import build_report
+from mm_lens.runs import attention_run, flow_run, lens_run
+from mm_lens.sweep import layer_window
+from mm_lens.toy import world
 
 DEMO_BLOCKS = STANDARD_BLOCKS
 #: Seed of the demo's held-out set (training draws from its own random stream).
@@ -55,7 +60,6 @@ def _layer_range(window: range) -> str:
 
 def flow_readings(flow: pd.DataFrame, n_layers: int, k: int) -> dict[str, str]:
     """One sentence per block: where the mean relative change is most negative, and how large it is."""
-    from mm_lens.sweep import layer_window
 
     out = {}
     for block, df in flow.groupby("block", sort=False):
@@ -90,9 +94,6 @@ def lens_reading(lens: pd.DataFrame) -> str:
 def run_demo(out_dir: str | Path = "results/demo", n_per_task: int = 30, model_path: str | Path | None = None,
              engine: str = DEFAULT_ENGINE, progress: bool = True) -> Path:
     """Run the demo into `out_dir` (resumable: re-running skips finished samples); returns the report's path."""
-    from mm_lens.model import load
-    from mm_lens.runs import attention_run, flow_run, lens_run
-    from mm_lens.toy import world
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +126,5 @@ def run_demo(out_dir: str | Path = "results/demo", n_per_task: int = 30, model_p
             readings[f"flow/{task}"] = " ".join(flow_readings(df, n_layers, k).values())
     (out / "summary.json").write_text(json.dumps(
         {"model": model, "window": k, "n_layers": n_layers, "tasks": summary, "readings": readings}, indent=1))
-    from mm_lens.report import build_report
 
     return build_report(out, readings=readings, title="mm-lens demo: the toy LLaVA on the shapes world")

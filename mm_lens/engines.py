@@ -49,6 +49,7 @@ from transformers.cache_utils import DynamicLayer
 from mm_lens import hook_points
 from mm_lens.errors import MMLensError
 from mm_lens.knockout import Edge, KnockoutHook, block_hooks, edge_positions, hook_name
+from mm_lens.names import DEFAULT_ENGINE, ENGINE_NAMES
 from mm_lens.protocol import vocab_softmax
 
 if TYPE_CHECKING:
@@ -538,8 +539,7 @@ reference_engine.plain = True  # type: ignore[attr-defined]
 
 #: Engines by name.
 ENGINES: dict[str, Engine] = {"reference": reference_engine, "fast": fast_engine}
-#: The engine every sweep, run and command uses unless told otherwise (the one place this default is decided).
-DEFAULT_ENGINE = "fast"
+assert tuple(ENGINES) == ENGINE_NAMES and DEFAULT_ENGINE in ENGINES  # the torch-free list the CLI offers
 
 
 def get_engine(engine: str | Engine) -> Engine:

@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 HookFn = Callable[..., Tensor]
 EdgePositions = tuple[Sequence[int], Sequence[int]]  # (targets, sources), absolute
 
-#: The blocks of the study, in the order its figures use.
-STUDY_BLOCKS = ("Image->Question", "Image->Last", "Question->Last", "Last->Last")
 #: The six standard blocks: the study's, with the image split into related and other patches.
 STANDARD_BLOCKS = (
     "Image->Question",

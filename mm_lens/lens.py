@@ -29,7 +29,7 @@ from mm_lens.analyses import LENS, collect
 from mm_lens.errors import MMLensError
 from mm_lens.inputs import prepare
 from mm_lens.protocol import vocab_softmax
-from mm_lens.sweep import WRONG_ANSWER, greedy_answer
+from mm_lens.sweep import greedy_answer, require_correct
 from mm_lens.types import Sample, SampleSkip, Skip
 
 if TYPE_CHECKING:
@@ -138,10 +138,7 @@ def lens_sample(
         skip.question_id = skip.question_id or str(sample.question_id)
         raise
     if inp.protocol.lens_correct_only and not all_samples:
-        greedy = greedy_answer(model, inp)
-        if greedy.text != inp.protocol.answer.gold(str(sample.answer)):
-            reason = f"model answered {greedy.text!r}, gold {sample.answer!r}"
-            raise SampleSkip(reason, WRONG_ANSWER, str(sample.question_id))
+        require_correct(greedy_answer(model, inp), inp, sample)
     table = answer_lens(model, inp, forms, readout)
     table.insert(0, "question_id", str(sample.question_id))
     return table[LENS_COLUMNS]

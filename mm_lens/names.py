@@ -1,8 +1,7 @@
 """The library's plain name lists, torch-free: what the command line offers (``mm-lens --help`` imports no torch).
 
-Each list belongs to the module named beside it, which imports torch; that module checks names against it, and
-``tests/test_cli.py`` holds the two equal until each of those modules re-imports its list from here
-(``from mm_lens.names import SITES``) so that the names are written down once.
+Each list is written down once, here; the module named beside it (which imports torch) re-imports it
+(``from mm_lens.names import SITES``) and checks names against it.
 """
 
 from __future__ import annotations
@@ -20,7 +19,11 @@ SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 PAIR_MODES = ("image", "options")
 #: Sweep engines by name (the keys of `mm_lens.engines.ENGINES`; the default is `mm_lens.engines.DEFAULT_ENGINE`).
 ENGINE_NAMES = ("reference", "fast")
+#: The engine every sweep, run and command uses unless told otherwise (`mm_lens.engines.DEFAULT_ENGINE`).
+DEFAULT_ENGINE = "fast"
 #: The blocks of the study, in the order its figures use (`mm_lens.knockout.STUDY_BLOCKS`).
 STUDY_BLOCKS = ("Image->Question", "Image->Last", "Question->Last", "Last->Last")
 
-__all__ = ["ENGINE_NAMES", "PAIR_MODES", "PROTOCOL_NAMES", "READOUTS", "SITES", "STUDY_BLOCKS", "VERSION"]
+__all__ = [
+    "DEFAULT_ENGINE", "ENGINE_NAMES", "PAIR_MODES", "PROTOCOL_NAMES", "READOUTS", "SITES", "STUDY_BLOCKS", "VERSION",
+]

@@ -52,6 +52,7 @@ from mm_lens import hook_points
 from mm_lens.errors import MMLensError
 from mm_lens.inputs import assign_boxes, prepare
 from mm_lens.lens import first_token_id
+from mm_lens.names import PAIR_MODES, SITES
 from mm_lens.protocol import vocab_softmax
 from mm_lens.regions import ALIASES, CENTRAL_OBJECT, FALSE_OPTION, PATCH_REGIONS, QUESTION_WITHOUT_OPTIONS, TRUE_OPTION
 from mm_lens.types import Sample, SampleSkip, Skip, boxes_for, check_sample
@@ -63,11 +64,8 @@ if TYPE_CHECKING:
     from mm_lens.model import HookedLlava
     from mm_lens.protocol import Protocol
 
-#: Activation sites `patching_sweep` can write, ``blocks.{l}.hook_{site}``.
-SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 #: Columns of `patching_sample`'s table (``position`` follows ``layer`` when ``per_position=True``).
 PATCHING_COLUMNS = ["question_id", "site", "region", "layer", "prob", "clean_prob", "corrupt_prob", "restoration"]
-PAIR_MODES = ("image", "options")
 LAYOUT_MISMATCH = "layout mismatch"  # skip kind of a pair whose two inputs cannot be patched position by position
 
 

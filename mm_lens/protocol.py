@@ -45,14 +45,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mm_lens.errors import MMLensError
+from mm_lens.names import PROTOCOL_NAMES, READOUTS
 
 if TYPE_CHECKING:
     from mm_lens.model import HookedLlava
 
-PROTOCOL_NAMES = ("auto", "study", "checkpoint")
 
 
-READOUTS = ("raw", "norm")
 
 
 # ------------------------------------------------------------------------------------------ conversations

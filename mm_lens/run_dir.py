@@ -33,7 +33,9 @@ from typing import Any
 import pandas as pd
 
 from mm_lens.analyses import get_analysis
+from mm_lens.data.gqa import task_path
 from mm_lens.errors import MMLensError
+from mm_lens.model import _resolve_dtype
 from mm_lens.names import VERSION
 from mm_lens.types import Skip, summarise_skips
 
@@ -93,14 +95,12 @@ def model_id(model: Any) -> str:
 
 def dtype_name(dtype: Any) -> str:
     """A dtype (``"float16"``, ``torch.float16``, None for the default) as recorded: ``"float16"``."""
-    from mm_lens.model import _resolve_dtype
 
     return str(_resolve_dtype(dtype)).removeprefix("torch.")
 
 
 def run_config(command: str, dataset: str | Path, n_samples: int, **options: Any) -> dict[str, Any]:
     """The configuration recorded in (and compared against) a run directory."""
-    from mm_lens.data.gqa import task_path
 
     path = task_path(dataset)
     config: dict[str, Any] = {

@@ -31,8 +31,15 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mm_lens.analyses import Analysis, Process, each_sample, get_analysis
+from mm_lens.attention import DEFAULT_SOURCES, DEFAULT_TARGETS, attention_sample
+from mm_lens.data.gqa import load_task, open_image
 from mm_lens.engines import DEFAULT_ENGINE
 from mm_lens.errors import MMLensError
+from mm_lens.knockout import STUDY_BLOCKS, parse_edge
+from mm_lens.lens import lens_sample
+from mm_lens.model import check_checkpoint, load, offline_if_local, protocol_for_checkpoint, resolve_protocol
+from mm_lens.patching import PAIR_MODES, SITES, counterfactual_pairs, patching_sample
+from mm_lens.regions import SPAN_NAMES
 from mm_lens.run_dir import (
     ERROR_KIND,
     RunDir,
@@ -45,6 +52,7 @@ from mm_lens.run_dir import (
     run_config,
 )
 from mm_lens.shards import local_device, merge_if_complete, merge_runs, shard_from_env
+from mm_lens.sweep import flow_sample, get_engine, layer_window
 from mm_lens.types import Sample, SampleSkip
 
 COMMANDS = ("flow", "lens", "attention", "patching")  # the analyses a run can be (mm_lens.analyses.ANALYSES)
@@ -105,7 +113,6 @@ def _free_memory() -> None:
 
 
 def _samples(dataset: str | Path, limit: int | None) -> list[Sample]:
-    from mm_lens.data.gqa import load_task
 
     samples = load_task(dataset)
     if limit is not None:
@@ -116,7 +123,6 @@ def _samples(dataset: str | Path, limit: int | None) -> list[Sample]:
 
 
 def _image_loader(images: str | Path) -> tuple[Path, Callable[[Sample], Any]]:
-    from mm_lens.data.gqa import open_image
 
     folder = Path(images).expanduser()
     if not folder.is_dir():
@@ -233,7 +239,6 @@ def run_analysis(analysis: str | Analysis, spec: RunSpec) -> RunSummary:
     with RunDir(out / shard.dirname if shard else out, command).open(config) as run:
         n_resumed = len(run.done(opts.retry_skips) & set(indices))
         if n_resumed < len(indices):
-            from mm_lens.model import load
 
             loaded = not isinstance(spec.model, (str, os.PathLike))
             hooked = spec.model if loaded else load(spec.model, device=device, dtype=dtype, device_map=opts.device_map)
@@ -298,10 +303,8 @@ def resolve_run_protocol(
     readout: str | None = None, command: str = "flow",
 ) -> RunProtocol:
     """Resolve ``--protocol`` (default auto), and the dtype / window / readout it implies when not given."""
-    from mm_lens.protocol import protocol_for_checkpoint, resolve_protocol
 
     if isinstance(model, (str, os.PathLike)):
-        from mm_lens.model import check_checkpoint
 
         check_checkpoint(str(model))  # the load's own errors, before anything reads the files
         proto, n_layers = protocol_for_checkpoint(protocol, str(model)), _n_layers(str(model))
@@ -320,8 +323,6 @@ def resolve_run_protocol(
 
 def _n_layers(model: str) -> int:
     from transformers import AutoConfig
-
-    from mm_lens.model import offline_if_local
 
     with offline_if_local(model):
         config = AutoConfig.from_pretrained(model)
@@ -348,9 +349,6 @@ def flow_run(
     ``protocol``) as keywords or ``options=``; dtype None = the protocol's on the device (the study: float16
     on CUDA).
     """
-    from mm_lens.knockout import STUDY_BLOCKS, parse_edge
-    from mm_lens.regions import SPAN_NAMES
-    from mm_lens.sweep import flow_sample, get_engine, layer_window
 
     run = RunOptions.build(options, run_options, "flow_run", ("blocks", "window", "all_samples", "engine"))
     parsed = [parse_edge(b, extra_names=SPAN_NAMES) for b in (blocks or STUDY_BLOCKS)]
@@ -390,7 +388,6 @@ def lens_run(
     Under the study protocol only correctly answered samples count (``all_samples`` keeps every one);
     ``readout`` ``"raw"`` / ``"norm"`` overrides the protocol's. Run options as in `flow_run`.
     """
-    from mm_lens.lens import lens_sample
 
     run = RunOptions.build(options, run_options, "lens_run", ("readout", "all_samples"))
 
@@ -420,7 +417,6 @@ def attention_run(
     ``targets`` / ``sources`` default `mm_lens.attention.DEFAULT_TARGETS` / ``DEFAULT_SOURCES``. Run options as
     in `flow_run`.
     """
-    from mm_lens.attention import DEFAULT_SOURCES, DEFAULT_TARGETS, attention_sample
 
     run = RunOptions.build(options, run_options, "attention_run", ("targets", "sources"))
     targets, sources = list(targets or DEFAULT_TARGETS), list(sources or DEFAULT_SOURCES)
@@ -454,7 +450,6 @@ def patching_run(
     each of `regions`. A sample without a partner, or whose pair changes the layout, is skipped with the reason.
     Run options as in `flow_run`.
     """
-    from mm_lens.patching import PAIR_MODES, SITES, counterfactual_pairs, patching_sample
 
     run = RunOptions.build(options, run_options, "patching_run", ("regions", "site", "pairs"))
     regions = list(regions)

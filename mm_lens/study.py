@@ -13,9 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mm_lens.data.gqa import TASKS
 from mm_lens.engines import DEFAULT_ENGINE
 from mm_lens.errors import MMLensError
 from mm_lens.knockout import STANDARD_BLOCKS
+from mm_lens.model import HookedLlava, load
+from mm_lens.report import build_report
+from mm_lens.runs import RunOptions, flow_run, lens_run, resolve_run_protocol
 
 
 def run_study(
@@ -38,10 +42,6 @@ def run_study(
 ) -> Path | None:
     """Flow and lens of every task set into ``out/<Task>/``; returns the report's path (None for a shard
     finishing while other shards still run: the one that finds every task merged writes it)."""
-    from mm_lens.data.gqa import TASKS
-    from mm_lens.model import HookedLlava, load
-    from mm_lens.report import build_report
-    from mm_lens.runs import RunOptions, flow_run, lens_run, resolve_run_protocol
 
     tasks = list(tasks or TASKS)
     unknown = [t for t in tasks if t not in TASKS]

@@ -123,6 +123,13 @@ def greedy_answer(
     return Greedy(text=text, first_token=first, first_prob=first_prob, token_ids=generated, clean=clean)
 
 
+def require_correct(greedy: Greedy, inp: MultimodalInput, sample: Sample) -> None:
+    """`SampleSkip` of kind ``"wrong answer"`` unless the greedy answer is the gold one, as the protocol compares."""
+    if greedy.text != inp.protocol.answer.gold(str(sample.answer)):
+        reason = f"model answered {greedy.text!r}, gold {sample.answer!r}"
+        raise SampleSkip(reason, WRONG_ANSWER, str(sample.question_id))
+
+
 def _as_list(value) -> list:
     if value is None:
         return []
@@ -256,9 +263,8 @@ def flow_sample(
         skip.question_id = skip.question_id or str(sample.question_id)
         raise
     greedy = greedy_answer(model, inp, cached=not getattr(get_engine(engine), "plain", False))
-    if not all_samples and greedy.text != inp.protocol.answer.gold(str(sample.answer)):
-        reason = f"model answered {greedy.text!r}, gold {sample.answer!r}"
-        raise SampleSkip(reason, WRONG_ANSWER, str(sample.question_id))
+    if not all_samples:
+        require_correct(greedy, inp, sample)
     return layer_sweep(model, inp, blocks, window, engine, question_id=sample.question_id, greedy=greedy)
 
 

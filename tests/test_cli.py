@@ -13,7 +13,7 @@ import pytest
 
 from mm_lens.cli import main
 from mm_lens.data.gqa import load_task, open_image
-from mm_lens.regions import prepare
+from mm_lens.inputs import prepare
 from mm_lens.sweep import greedy_answer
 
 COLUMNS = ["question_id", "img_id", "question", "answer", "true option", "false option", "image_w", "image_h"]
@@ -140,6 +140,55 @@ def test_console_script_exit_code(dataset, tmp_path):
     proc = subprocess.run(cmd + args + ["--block", "Foo->Last"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("mm-lens: error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_whose_every_sample_fails_on_an_error_exits_non_zero(tiny_llava_path, dataset, tmp_path, capsys,
+                                                                   monkeypatch):
+    import mm_lens.sweep as sweep
+
+    def broken(*args, **kwargs):
+        raise TypeError("'NoneType' object is not subscriptable")
+
+    monkeypatch.setattr(sweep, "layer_sweep", broken)
+    csv_path, images = dataset
+    out = tmp_path / "flow"
+    argv = ["flow", "--model", str(tiny_llava_path), "--dataset", str(csv_path), "--images", str(images),
+            "--block", "Image->Last", "--window", "2", "--all-samples", "--limit", "2", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "0 of 2 sample(s) analysed" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mm-lens: error: flow: no sample analysed, 2 of 2 failed with errors")
+    assert str(out / "flow.errors.log") in last
+
+
+def test_skips_alone_keep_exit_0(tiny_llava_path, dataset, tmp_path, capsys):
+    csv_path, images = dataset
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    argv = ["flow", "--model", str(tiny_llava_path), "--dataset", str(csv_path), "--images", str(empty),
+            "--block", "Image->Last", "--window", "2", "--limit", "2", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    assert "0 of 2 sample(s) analysed" in capsys.readouterr().err
+
+
+def test_a_failed_self_check_stops_the_run_in_one_line(tiny_llava_path, dataset, tmp_path, capsys, monkeypatch):
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    original = AttentionBridge._update_kv_cache
+
+    def forgetful(self, k, v, **kwargs):  # the transformers 5.24 + TL 4.3 bug, simulated on any version
+        return original(self, k, v, **{n: x for n, x in kwargs.items() if n not in ("past_key_values", "cache")})
+
+    monkeypatch.setattr(AttentionBridge, "_update_kv_cache", forgetful)
+    csv_path, images = dataset
+    out = tmp_path / "flow"
+    argv = ["flow", "--model", str(tiny_llava_path), "--dataset", str(csv_path), "--images", str(images),
+            "--block", "Image->Last", "--window", "2", "--all-samples", "--out", str(out)]
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mm-lens: error:")]
+    assert len(lines) == 1 and "self-check failed" in lines[0] and "--engine reference" in lines[0]
+    assert not (out / "flow.errors.log").exists()  # stopped at once, not recorded sample by sample
 
 
 LIGHT_CLI = """

@@ -10,7 +10,7 @@ import pandas as pd
 from mm_lens.cli import main
 from mm_lens.heads import head_sweep
 from mm_lens.image_lens import image_token_lens
-from mm_lens.regions import prepare
+from mm_lens.inputs import prepare
 from mm_lens.report import report_figures
 from test_runs import write_samples
 
