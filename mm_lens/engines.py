@@ -49,7 +49,8 @@ from transformers.cache_utils import DynamicLayer
 from mm_lens import hook_points
 from mm_lens.errors import MMLensError
 from mm_lens.knockout import Edge, KnockoutHook, block_hooks, edge_positions, hook_name
-from mm_lens.names import DEFAULT_ENGINE, ENGINE_NAMES
+from mm_lens.names import DEFAULT_ENGINE as DEFAULT_ENGINE  # re-exported: the lists live in names.py
+from mm_lens.names import ENGINE_NAMES as ENGINE_NAMES
 from mm_lens.protocol import vocab_softmax
 
 if TYPE_CHECKING:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from mm_lens import hook_points
 from mm_lens.errors import MMLensError
+from mm_lens.names import STUDY_BLOCKS as STUDY_BLOCKS  # re-exported: the lists live in names.py
 from mm_lens.regions import ALIASES, REGION_NAMES
 
 if TYPE_CHECKING:

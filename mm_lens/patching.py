@@ -52,7 +52,8 @@ from mm_lens import hook_points
 from mm_lens.errors import MMLensError
 from mm_lens.inputs import assign_boxes, prepare
 from mm_lens.lens import first_token_id
-from mm_lens.names import PAIR_MODES, SITES
+from mm_lens.names import PAIR_MODES as PAIR_MODES  # re-exported: the lists live in names.py
+from mm_lens.names import SITES as SITES
 from mm_lens.protocol import vocab_softmax
 from mm_lens.regions import ALIASES, CENTRAL_OBJECT, FALSE_OPTION, PATCH_REGIONS, QUESTION_WITHOUT_OPTIONS, TRUE_OPTION
 from mm_lens.types import Sample, SampleSkip, Skip, boxes_for, check_sample

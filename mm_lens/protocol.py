@@ -45,7 +45,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mm_lens.errors import MMLensError
-from mm_lens.names import PROTOCOL_NAMES, READOUTS
+from mm_lens.names import PROTOCOL_NAMES as PROTOCOL_NAMES  # re-exported: the lists live in names.py
+from mm_lens.names import READOUTS as READOUTS
 
 if TYPE_CHECKING:
     from mm_lens.model import HookedLlava

@@ -111,9 +111,27 @@ def run_config(command: str, dataset: str | Path, n_samples: int, **options: Any
         "dataset_sha256": _file_sha256(path),
         "n_samples": n_samples,
         "columns": list(get_analysis(command).columns),
+        "versions": package_versions(),
     }
     config.update(options)
     return json.loads(json.dumps(config))  # plain JSON types, as read back from disk
+
+
+#: Recorded in a run's configuration but not part of its identity: a run resumes across these.
+RECORD_ONLY = ("versions",)
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of mm-lens and of the packages whose internals decide its numbers, as a run records them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"mm_lens": VERSION}
+    for name in ("torch", "transformers", "transformer_lens"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: Iterable[str] = ()) -> list[str]:
@@ -222,7 +240,7 @@ class RunDir:
                 )
             return
         old = self.read_config()
-        diff = config_differences(old, config)
+        diff = config_differences(old, config, ignore=RECORD_ONLY)
         if diff:
             raise MMLensError(
                 f"{self.path} holds a {self.command} run with a different configuration ({'; '.join(diff)}); "

@@ -19,12 +19,12 @@ from pathlib import Path
 
 from mm_lens.analyses import ANALYSES
 from mm_lens.errors import MMLensError
-from mm_lens.run_dir import RunBusy, RunDir, RunSummary, Shard, config_differences, parse_shard
+from mm_lens.run_dir import RECORD_ONLY, RunBusy, RunDir, RunSummary, Shard, config_differences, parse_shard
 
 SHARD_DIR = re.compile(r"^shard-(\d+)-of-(\d+)$")
 # Config keys shards may differ in: the shard, and where the images and CSV sit on each machine (the CSV's
 # content must still agree: dataset_sha256, n_samples).
-MERGE_IGNORES = ("shard", "images", "dataset")
+MERGE_IGNORES = ("shard", "images", "dataset", *RECORD_ONLY)
 
 
 def shard_from_env(environ: dict[str, str] | None = None) -> Shard | None:
