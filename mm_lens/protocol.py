@@ -193,10 +193,16 @@ class Protocol:
     # -- defaults derived from the model
 
     def window(self, n_layers: int) -> int:
-        """The default knockout window for a model of `n_layers` layers."""
+        """The default knockout window for a model of `n_layers` layers, never more than half its layers.
+
+        The study's rule scales 7 per 32 layers (7 for 32, 9 for 40); the checkpoint's takes 9 whatever the depth.
+        Both are capped at half the model: a window covering every layer would make each sweep curve one smeared
+        value. For the shipped toy's 8 layers that gives 2 (study) and 4 (checkpoint), not 8; for 4 layers 1 and 2.
+        """
+        half = max(1, n_layers // 2)
         if self.fixed_window is not None:
-            return min(self.fixed_window, n_layers)
-        return max(1, min(n_layers, int(round(n_layers * self.window_per_32_layers / 32))))
+            return min(self.fixed_window, half)
+        return max(1, min(half, int(round(n_layers * self.window_per_32_layers / 32))))
 
     def choose_window(self, window: int | None, n_layers: int) -> int:
         """The window a sweep uses: `window` when given, else this protocol's default; the one place both meet."""

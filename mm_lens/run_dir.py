@@ -37,7 +37,7 @@ from mm_lens.data.gqa import task_path
 from mm_lens.errors import MMLensError
 from mm_lens.model import _resolve_dtype
 from mm_lens.names import VERSION
-from mm_lens.types import Skip, summarise_skips
+from mm_lens.types import WRONG_ANSWER, Skip, summarise_skips
 
 FORMAT = 1  # run-directory format version, recorded in the config
 ERROR_KIND = "error"  # skip kinds starting with this are unexpected failures, retried on resume
@@ -434,6 +434,12 @@ class RunSummary:
     written: list[Path] = field(default_factory=list)
     shard: Shard | None = None
     merged: RunSummary | None = None  # set when this shard completed the set and merged it
+    warnings: list[str] = field(default_factory=list)  # e.g. a wrong-answer rate far above the model's known one
+
+    @property
+    def n_wrong(self) -> int:
+        """Samples skipped because the model answered them wrongly."""
+        return sum(s.kind == WRONG_ANSWER for s in self.skips)
 
     @property
     def n_errors(self) -> int:
@@ -456,6 +462,7 @@ class RunSummary:
             lines[0] += f" ({self.n_resumed} finished by an earlier run, resumed)"
         if self.skips:
             lines.append(summarise_skips(self.skips))
+        lines += [f"warning: {w}" for w in self.warnings]
         lines += [f"wrote {p}" for p in self.written]
         if self.merged is not None:
             lines.append(f"all shards finished; merged into {self.merged.path}:")

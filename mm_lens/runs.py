@@ -35,6 +35,7 @@ from mm_lens.attention import DEFAULT_SOURCES, DEFAULT_TARGETS, attention_sample
 from mm_lens.data.gqa import load_task, open_image
 from mm_lens.engines import DEFAULT_ENGINE
 from mm_lens.errors import MMLensError
+from mm_lens.expectations import wrong_answer_warning
 from mm_lens.knockout import STUDY_BLOCKS, parse_edge
 from mm_lens.lens import lens_sample
 from mm_lens.model import check_checkpoint, load, offline_if_local, protocol_for_checkpoint, resolve_protocol
@@ -258,6 +259,9 @@ def run_analysis(analysis: str | Analysis, spec: RunSpec) -> RunSummary:
             written=written,
             shard=shard,
         )
+        warning = wrong_answer_warning(config["model"], spec.dataset, summary.n_analysed + summary.n_wrong,
+                                       summary.n_wrong)
+        summary.warnings += [warning] if warning else []
     if shard is not None:
         summary.merged = merge_if_complete(command, out, shard.count)
     return summary

@@ -26,7 +26,7 @@ from mm_lens.model import resolve_protocol
 from mm_lens.protocol import CHECKPOINT_ANSWER, AnswerRule, Protocol, vocab_softmax
 from mm_lens.regions import ALIASES, CENTRAL_OBJECT, FALSE_OPTION, SPAN_NAMES, TRUE_OPTION
 from mm_lens.regions import PATCH_REGIONS as _PATCHES
-from mm_lens.types import Sample, SampleSkip, Skip, boxes_for, check_sample
+from mm_lens.types import WRONG_ANSWER, Sample, SampleSkip, Skip, boxes_for, check_sample
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 FLOW_COLUMNS = list(FLOW.columns)
 PATCH_REGIONS = (*_PATCHES, *(a for a, t in ALIASES.items() if t in _PATCHES))  # regions that need boxes
-WRONG_ANSWER = "wrong answer"  # skip kind of a sample the model answers wrongly
 
 
 def layer_window(layer: int, k: int, n_layers: int) -> range:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 from mm_lens.errors import MMLensError
 
+#: The skip kind of a sample the model answers wrongly (the study keeps correct answers only).
+WRONG_ANSWER = "wrong answer"  # skip kind of a sample the model answers wrongly
+
 
 @dataclass(frozen=True)
 class Box:

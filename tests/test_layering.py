@@ -23,7 +23,7 @@ LAYERS = [
     "patches",  # both patch rules (exact geometry, the study's red mask)
     "encoders",  # both input pipelines (the study's, the checkpoint's)
     "inputs",  # prepare() and MultimodalInput
-    "data.gqa", "data",
+    "data.gqa", "data", "expectations",
     "knockout",  # the knockout hook
     "engines",  # how a sweep computes knockouts
     "selfcheck",

@@ -52,10 +52,18 @@ def test_resolution_from_files_matches_the_loaded_model(study_llava15_path, stud
         protocol_for_checkpoint("study", str(tiny_llava_path))
 
 
-@pytest.mark.parametrize("n_layers, study, checkpoint", [(32, 7, 9), (40, 9, 9), (4, 1, 4), (8, 2, 8)])
+@pytest.mark.parametrize("n_layers, study, checkpoint", [(32, 7, 9), (40, 9, 9), (4, 1, 2), (8, 2, 4), (2, 1, 1)])
 def test_default_windows(n_layers, study, checkpoint):
     assert STUDY.window(n_layers) == study
     assert CHECKPOINT.window(n_layers) == checkpoint
+
+
+@pytest.mark.parametrize("n_layers", range(1, 49))
+def test_no_default_window_covers_the_whole_model(n_layers):
+    """A window over every layer makes each curve one smeared value (the toy's 8 layers once got 8)."""
+    for protocol in (STUDY, CHECKPOINT):
+        k = protocol.window(n_layers)
+        assert 1 <= k <= max(1, n_layers // 2)
 
 
 def test_precision_defaults():
