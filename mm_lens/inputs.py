@@ -44,6 +44,7 @@ class MultimodalInput:
     question: str
     regions: RegionMap
     protocol: Protocol  # the resolved protocol that built this input
+    image_size: tuple[int, int] | None = None  # the original image's (width, height), for pixel boxes of patches
 
     def vocab_size(self, model: HookedLlava) -> int | None:
         """Vocabulary rows the protocol's softmax runs over (None: all)."""
@@ -95,6 +96,7 @@ def prepare(
     image = image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
     encoding = encode(proto, model, image, question, user_text(question, instruction), dict(spans or {}))
     inp = _model_input(model, encoding, question, region_map(model, encoding), proto)
+    inp.image_size = tuple(int(v) for v in image.size)
     if boxes is not None:
         assign_boxes(model, inp, image, boxes)
     return inp

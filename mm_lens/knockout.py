@@ -55,6 +55,9 @@ class Edge:
 
     source: str
     target: str
+    #: Explicit positions instead of the named region's (e.g. one group of image patches, `mm_lens.maps`).
+    source_positions: tuple[int, ...] | None = None
+    target_positions: tuple[int, ...] | None = None
 
     def __str__(self) -> str:
         return f"{self.source}->{self.target}"
@@ -300,7 +303,9 @@ def edge_positions(regions: RegionMap, block: str | Edge) -> EdgePositions:
     """``(targets, sources)`` of a named block, resolved through `RegionMap.positions`."""
     if not isinstance(block, Edge):
         block = parse_edge(block, extra_names=list(getattr(regions, "spans", None) or {}))
-    return regions.positions(block.target), regions.positions(block.source)
+    targets = list(block.target_positions) if block.target_positions is not None else regions.positions(block.target)
+    sources = list(block.source_positions) if block.source_positions is not None else regions.positions(block.source)
+    return targets, sources
 
 
 def block_hooks(

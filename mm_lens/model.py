@@ -173,7 +173,8 @@ def offline_if_local(name: str) -> Iterator[None]:
         yield
 
 
-def _resolve_dtype(dtype: Any) -> torch.dtype:
+def resolve_dtype(dtype: Any) -> torch.dtype:
+    """A torch dtype from a dtype or its name (``float16``, ``bf16``, ...); an error listing the names."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
@@ -197,7 +198,7 @@ def load(
 
 
     name = os.fspath(path_or_hub_id)
-    torch_dtype = None if dtype is None else _resolve_dtype(dtype)
+    torch_dtype = None if dtype is None else resolve_dtype(dtype)
     local = _is_local_path(name)
     if device is not None and device_map is not None:
         raise MMLensError("pass either device or device_map, not both")

@@ -35,7 +35,7 @@ import pandas as pd
 from mm_lens.analyses import get_analysis
 from mm_lens.data.gqa import task_path
 from mm_lens.errors import MMLensError
-from mm_lens.model import _resolve_dtype
+from mm_lens.model import resolve_dtype
 from mm_lens.names import VERSION
 from mm_lens.types import WRONG_ANSWER, Skip, summarise_skips
 
@@ -96,7 +96,7 @@ def model_id(model: Any) -> str:
 def dtype_name(dtype: Any) -> str:
     """A dtype (``"float16"``, ``torch.float16``, None for the default) as recorded: ``"float16"``."""
 
-    return str(_resolve_dtype(dtype)).removeprefix("torch.")
+    return str(resolve_dtype(dtype)).removeprefix("torch.")
 
 
 def run_config(command: str, dataset: str | Path, n_samples: int, **options: Any) -> dict[str, Any]:

@@ -28,7 +28,7 @@ LAYERS = [
     "engines",  # how a sweep computes knockouts
     "selfcheck",
     "analyses",  # one record per analysis kind, the per-sample loop
-    "sweep", "lens", "attention", "heads", "patching", "image_lens",
+    "sweep", "lens", "attention", "heads", "patching", "image_lens", "maps",
     "plots", "run_dir", "report", "shards", "runs", "study",
     "toy", "toy.world", "toy.train", "demo",
     "cli", "__init__",
