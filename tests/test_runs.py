@@ -273,7 +273,7 @@ def test_finished_run_resumes_without_loading_the_model(tiny_llava_path, ten_sam
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded although every sample was done")
 
-    monkeypatch.setattr("mm_lens.model.load", no_load)
+    monkeypatch.setattr("mm_lens.runs.load", no_load)  # the name runs.py loads the model by
     assert main(argv) == 0
     assert (tmp_path / "flow.csv").read_bytes() == first
     assert "(2 finished by an earlier run, resumed)" in capsys.readouterr().err

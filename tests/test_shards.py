@@ -187,16 +187,16 @@ def test_launcher_rank_and_world_size_pick_the_shard(tiny_llava_path, six_sample
 
 
 def test_device_map_reaches_load(tiny_llava_path, six_samples, tmp_path, monkeypatch):
-    import mm_lens.model
+    import mm_lens.runs
 
     seen = []
-    real = mm_lens.model.load
+    real = mm_lens.runs.load
 
     def spy(*args, **kwargs):
         seen.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mm_lens.model, "load", spy)
+    monkeypatch.setattr(mm_lens.runs, "load", spy)  # the name runs.py loads the model by
     csv_path, images = six_samples
     argv = ["lens", "--model", str(tiny_llava_path), "--dataset", str(csv_path), "--images", str(images)]
     assert main(argv + ["--out", str(tmp_path), "--limit", "1", "--device-map", "cpu"]) == 0
