@@ -71,7 +71,8 @@ FLOW = Analysis(
         "Relative change (%) of the probability of the model's first answer token when the target positions "
         "may not attend to the source positions in a window of layers centred on each layer (attention "
         "knockout). A drop means information flows along that edge at those layers. Line: mean over {n}; "
-        "band: {level:.0%} Student-t confidence interval of the mean."
+        "band: {level:.0%} Student-t confidence interval of the mean. Each block has its own colour, dash and "
+        "marker in every figure; curves sit a little apart along the layer axis so that flat ones stay visible."
     ),
     figure=_plot("flow_figure"),
     curves=_plot("flow_curves"),
@@ -83,9 +84,11 @@ LENS = Analysis(
     columns=("question_id", "layer", "form", "prob"),
     required=("layer", "form", "prob"),
     caption=(
-        "Probability of the first token of the answer (lower case, solid; capitalised, dashed) and of the false "
-        "option, read at the last position after each layer through the final norm and unembedding (logit "
-        "lens). Line: mean over {n}; band: {level:.0%} Student-t confidence interval of the mean."
+        "Probability of the first token of the answer (lower case: blue, solid; capitalised: sky blue, dashed) "
+        "and of the false option (lower case: vermillion, dotted; capitalised: orange, dash-dot), read at the "
+        "last position after each layer through the final norm and unembedding (logit lens). Line: mean over "
+        "{n}; band: {level:.0%} Student-t confidence interval of the mean. Curves sit a little apart along the "
+        "layer axis so that equal ones stay visible."
     ),
     figure=_plot("lens_figure"),
     curves=_plot("lens_curves"),

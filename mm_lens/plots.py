@@ -15,6 +15,10 @@ reads such tables, so a figure can be redrawn, restyled or combined across runs 
 * circuits: `patching_curves` / `patching_figure` (restoration per layer, one line per region and site, from a
   ``patching`` table) and `head_figure` (a layer x head heatmap of a ``head_sweep`` table).
 
+Styles: lines use Okabe & Ito's colour-blind-safe `PALETTE` with a dash and a marker symbol each; a block is
+drawn the same way in every figure (`BLOCK_STYLES`, `block_styles`), the logit lens's forms differ in colour and
+dash (`LENS_STYLES`), and curves sit a fraction of a layer apart (`X_OFFSET`) so flat ones do not hide each other.
+
 A table missing a column is an `MMLensError` that names the column.
 """
 
@@ -35,19 +39,28 @@ def _need(df: pd.DataFrame, columns: list[str], what: str) -> None:
         raise MMLensError(f"{what} table lacks column(s) {', '.join(missing)}; pass the table the CLI writes")
 
 
-def _mean_lines(df: pd.DataFrame, key: str, value: str) -> go.Figure:
-    """One line per group of ``key`` (in order of appearance): the mean of ``value`` per layer."""
+def _mean_lines(df: pd.DataFrame, key: str, value: str, styles_for=None) -> go.Figure:
+    """One line per group of ``key``: the mean of ``value`` per layer, styled by ``styles_for`` (default
+    `_series_styles`) and offset along x as in `_offsets`."""
     fig = go.Figure()
-    for name, group in df.groupby(key, sort=False):
+    styles = (styles_for or _series_styles)(df[key].astype(str).unique())
+    offsets = _offsets(list(styles))
+    for name, style in styles.items():
+        group = df[df[key].astype(str) == name]
         mean = group.groupby("layer")[value].mean().sort_index()
-        fig.add_trace(go.Scatter(x=mean.index, y=mean.values, mode="lines+markers", name=str(name)))
+        fig.add_trace(go.Scatter(
+            x=mean.index.to_numpy(float) + offsets[name], y=mean.values, mode="lines+markers", name=name,
+            customdata=mean.index.to_numpy(), line=dict(color=style["color"], dash=style["dash"], width=2),
+            marker=dict(symbol=style["symbol"], size=7, color=style["color"]),
+            hovertemplate=f"<b>{name}</b><br>layer %{{customdata}}<br>%{{y:.4g}}<extra></extra>",
+        ))
     return fig
 
 
 def flow_figure(df: pd.DataFrame, title: str = "Attention knockout: change in answer probability") -> go.Figure:
     """Mean relative change (%) of the answer probability per layer, one line per block."""
     _need(df, ["block", "layer", "relative_change_pct"], "flow")
-    fig = _mean_lines(df, "block", "relative_change_pct")
+    fig = _mean_lines(df, "block", "relative_change_pct", _block_styles)
     fig.add_hline(y=0, line_dash="dot", line_color="gray")
     fig.update_layout(title=title, xaxis_title="layer", yaxis_title="relative change in probability (%)")
     return fig
@@ -56,7 +69,7 @@ def flow_figure(df: pd.DataFrame, title: str = "Attention knockout: change in an
 def lens_figure(df: pd.DataFrame, title: str = "Answer logit lens") -> go.Figure:
     """Mean probability of each answer form per layer, read through the final norm and unembedding."""
     _need(df, ["form", "layer", "prob"], "lens")
-    fig = _mean_lines(df, "form", "prob")
+    fig = _mean_lines(df, "form", "prob", _lens_styles)
     fig.update_layout(title=title, xaxis_title="layer", yaxis_title="probability", yaxis_range=[0, 1])
     return fig
 
@@ -148,12 +161,46 @@ def mean_ci(df: pd.DataFrame, by: list[str], value: str, level: float = 0.95) ->
 # ------------------------------------------------------------------------------------------ layer curves
 
 FLOW_CLIP = (-100.0, float("inf"))  # a probability cannot drop by more than 100%: bands stop there
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
+#: Okabe & Ito's colour-blind-safe palette (https://jfly.uni-koeln.de/color/), in the order styles take it:
+#: blue, orange, bluish green, reddish purple, vermillion, sky blue, black, yellow.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#000000", "#F0E442")
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "cross", "star", "triangle-down", "pentagon", "hexagon")
+#: A fraction of a layer: the k-th of m curves in a figure is drawn at ``layer + (k - (m - 1) / 2) * X_OFFSET``
+#: so that flat curves (blocks with no effect sit on zero) do not hide each other; hover shows the true layer.
+X_OFFSET = 0.06
 LENS_LABELS = {
     "answer_lower": "answer (lower case)",
     "answer_capitalized": "Answer (capitalised)",
     "false_option_lower": "false option (lower case)",
     "false_option_capitalized": "False option (capitalised)",
+}
+
+
+def style(i: int) -> dict[str, str]:
+    """The i-th line style: ``color``, ``dash``, ``symbol``. The first 48 differ in (colour, dash): style i takes
+    colour ``i mod 8`` and a dash that moves on by one each time the colours wrap round."""
+    n = len(PALETTE)
+    return dict(
+        color=PALETTE[i % n], dash=DASHES[(i % n + i // n) % len(DASHES)], symbol=SYMBOLS[i % len(SYMBOLS)]
+    )
+
+
+#: The one style table of the blocks: every figure draws a block the same way. The study's four blocks come
+#: first (blue solid circles, orange dashed squares, green dotted diamonds, purple dash-dot triangles), then the
+#: image split into related (vermillion) and other (sky blue) patches. Other blocks: `block_styles`.
+BLOCK_ORDER = (
+    "Image->Question", "Image->Last", "Question->Last", "Last->Last",
+    "Related Image Patches->Question", "Other Image Patches->Question",
+)
+BLOCK_STYLES = {b: style(i) for i, b in enumerate(BLOCK_ORDER)}
+#: The answer forms of the logit lens, told apart by colour and dash: the answer in blue (lower case, solid) and
+#: sky blue (capitalised, dashed), the false option in vermillion (dotted) and orange (dash-dot).
+LENS_STYLES = {
+    "answer_lower": dict(color="#0072B2", dash="solid", symbol="circle"),
+    "answer_capitalized": dict(color="#56B4E9", dash="dash", symbol="square"),
+    "false_option_lower": dict(color="#D55E00", dash="dot", symbol="diamond"),
+    "false_option_capitalized": dict(color="#E69F00", dash="dashdot", symbol="triangle-up"),
 }
 
 
@@ -170,23 +217,44 @@ def _block_order(blocks) -> list[str]:
     return [b for b in STUDY_BLOCKS if b in seen] + [b for b in seen if b not in STUDY_BLOCKS]
 
 
-def _block_styles(blocks) -> dict[str, dict]:
-    return {b: dict(color=PALETTE[i % len(PALETTE)]) for i, b in enumerate(_block_order(blocks))}
+def block_styles(blocks) -> dict[str, dict]:
+    """``{block: style}`` in drawing order: a standard block (`mm_lens.knockout.STANDARD_BLOCKS`) always gets its
+    `BLOCK_STYLES` entry; other blocks, in order of appearance, the styles after them (``style(6)``, ...)."""
+    out, extra = {}, len(BLOCK_ORDER)
+    for b in _block_order(blocks):
+        if b in BLOCK_STYLES:
+            out[b] = dict(BLOCK_STYLES[b])
+        else:
+            out[b], extra = style(extra), extra + 1
+    return out
+
+
+_block_styles = block_styles
+
+
+def _series_styles(names) -> dict[str, dict]:
+    """Styles for lines that are not blocks nor lens forms (patching's region @ site): ``style(0)``, ..."""
+    return {str(n): style(i) for i, n in enumerate(dict.fromkeys(str(n) for n in names))}
 
 
 def _lens_styles(forms) -> dict[str, dict]:
-    """Answer forms in blue, false-option forms in red; capitalised forms dashed."""
+    """The `LENS_STYLES` of the known forms; other forms get the styles not used by them (black, green, ...)."""
     styles, extra = {}, 0
-    for form in dict.fromkeys(forms):
-        if form.startswith("answer"):
-            color = PALETTE[0]
-        elif form.startswith("false_option"):
-            color = PALETTE[1]
-        else:
-            color = PALETTE[2 + extra % (len(PALETTE) - 2)]
+    taken = {(s["color"], s["dash"]) for s in LENS_STYLES.values()}
+    for form in dict.fromkeys(str(f) for f in forms):
+        if form in LENS_STYLES:
+            styles[form] = dict(LENS_STYLES[form])
+            continue
+        while (style(extra)["color"], style(extra)["dash"]) in taken:
             extra += 1
-        styles[form] = dict(color=color, dash="dash" if form.endswith("capitalized") else "solid")
+        styles[form], extra = style(extra), extra + 1
     return styles
+
+
+def _offsets(names: list[str]) -> dict[str, float]:
+    """x offset (in layers) of each of the figure's curves, centred on the layer; see `X_OFFSET`."""
+    m = len(names)
+    return {n: (k - (m - 1) / 2) * X_OFFSET for k, n in enumerate(names)}
 
 
 def _add_curves(
@@ -204,6 +272,7 @@ def _add_curves(
     """A mean line and a shaded interval per group of ``key``; one legend entry per group per figure."""
     where = dict(row=row, col=col) if row is not None else {}
     fmt = ".1f" if unit == "%" else ".3f"
+    offsets = _offsets(list(styles))
     for name, style in styles.items():
         part = summary[summary[key] == name].sort_values("layer")
         if part.empty:
@@ -214,8 +283,10 @@ def _add_curves(
         if clip is not None:
             lo, hi = np.clip(lo, *clip), np.clip(hi, *clip)
         ok = ~np.isnan(lo)
+        layers = part["layer"].to_numpy()
+        x_all = layers.astype(float) + offsets[name]
         if ok.any():
-            x = part["layer"].to_numpy()[ok]
+            x = x_all[ok]
             fig.add_trace(
                 go.Scatter(
                     x=np.concatenate([x, x[::-1]]),
@@ -236,17 +307,17 @@ def _add_curves(
             legend_shown.add(label)
         fig.add_trace(
             go.Scatter(
-                x=part["layer"],
+                x=x_all,
                 y=part["mean"],
-                customdata=np.stack([lo, hi, part["n"].to_numpy()], axis=1),
+                customdata=np.stack([lo, hi, part["n"].to_numpy(), layers], axis=1),
                 mode="lines+markers",
-                marker=dict(size=5),
+                marker=dict(size=6, symbol=style.get("symbol", "circle"), color=color),
                 line=dict(color=color, width=2, dash=style.get("dash", "solid")),
                 name=label,
                 legendgroup=label,
                 showlegend=show,
                 hovertemplate=(
-                    f"<b>{label}</b><br>layer %{{x}}<br>mean %{{y:{fmt}}}{unit}"
+                    f"<b>{label}</b><br>layer %{{customdata[3]}}<br>mean %{{y:{fmt}}}{unit}"
                     f"<br>CI [%{{customdata[0]:{fmt}}}, %{{customdata[1]:{fmt}}}]<br>n = %{{customdata[2]}}"
                     "<extra></extra>"
                 ),
@@ -306,7 +377,11 @@ def flow_curves(
 ) -> go.Figure:
     """The study's main figure: per layer, the mean relative change (%) of the answer probability when a block
     is knocked out around that layer, one line per block with a `level` Student-t confidence band.
-    Any table with ``block, layer, relative_change_pct`` works (e.g. your own ablations in ``block``)."""
+    Any table with ``block, layer, relative_change_pct`` works (e.g. your own ablations in ``block``).
+
+    Each block keeps its `BLOCK_STYLES` colour (Okabe-Ito), dash and marker symbol in every figure; unknown
+    blocks take the next styles (`block_styles`). Curves are offset by a fraction of a layer each (`X_OFFSET`)
+    so that blocks with no effect, all on zero, stay visible side by side; hover shows the true layer."""
     fig = _curves_figure(
         df, "block", "relative_change_pct", "flow", blocks, _block_styles, {}, "%", FLOW_CLIP, level,
         empty="the flow table is empty (no sample kept); run more samples or pass all_samples=True",
@@ -327,7 +402,8 @@ def lens_curves(
     title: str = "Answer logit lens",
 ) -> go.Figure:
     """Per layer, the mean probability of each answer form (lower case / capitalised answer and false option)
-    read through the final norm and unembedding, with a `level` t-interval band (clipped to [0, 1])."""
+    read through the final norm and unembedding, with a `level` t-interval band (clipped to [0, 1]).
+    The forms differ in colour and dash (`LENS_STYLES`) and are offset along x as in `flow_curves`."""
     return _curves_figure(
         df, "form", "prob", "lens", forms, _lens_styles, LENS_LABELS, "", (0.0, 1.0), level,
         empty="the lens table is empty; run the lens on at least one sample",
@@ -400,7 +476,7 @@ def _facets(
 def flow_tasks_figure(
     tables, level: float = 0.95, columns: int = 3, title: str = "Attention knockout per task"
 ) -> go.Figure:
-    """The main figure across tasks: one panel per task (shared y axis, same colour per block).
+    """The main figure across tasks: one panel per task (shared y axis, each block in its `BLOCK_STYLES` style).
     ``tables`` is ``{task: flow table}`` or one flow table with a ``task`` column."""
     return _facets(
         tables, "block", "relative_change_pct", _block_styles, {}, "%", level, title,
@@ -623,7 +699,7 @@ def patching_curves(
     lines = df.assign(line=df["region"].astype(str) + " @ " + df["site"].astype(str))
     lines = lines[np.isfinite(lines["restoration"].astype(float))]
     fig = _curves_figure(
-        lines, "line", "restoration", "patching", None, _block_styles, {}, "", (-np.inf, np.inf), level,
+        lines, "line", "restoration", "patching", None, _series_styles, {}, "", (-np.inf, np.inf), level,
         empty="the patching table has no finite restoration (clean and corrupted runs agree everywhere)",
         title=title, xaxis_title="layer patched", yaxis_title="restoration (0 = corrupted, 1 = clean)",
         legend_title_text="region @ site", hovermode="closest",

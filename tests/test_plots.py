@@ -141,8 +141,9 @@ def test_lens_curves_styles_and_clipped_band():
     lines = {t.name: t for t in traces(fig)}
     assert set(lines) == {"answer (lower case)", "Answer (capitalised)", "false option (lower case)"}
     assert lines["Answer (capitalised)"].line.dash == "dash" and lines["answer (lower case)"].line.dash == "solid"
-    assert lines["answer (lower case)"].line.color == lines["Answer (capitalised)"].line.color
-    assert lines["false option (lower case)"].line.color != lines["answer (lower case)"].line.color
+    pairs = {(t.line.color, t.line.dash) for t in lines.values()}
+    assert len(pairs) == 3 and len({t.line.color for t in lines.values()}) == 3  # colour AND dash differ
+    assert len({t.marker.symbol for t in lines.values()}) == 3
     for band in traces(fig, "band"):
         assert min(band.y) >= 0.0 and max(band.y) <= 1.0
     mean = df[df.form == "answer_lower"].groupby("layer")["prob"].mean()
@@ -154,9 +155,9 @@ def test_lens_curves_styles_and_clipped_band():
 def test_old_figures_still_plain_means():
     df = flow_table()
     fig = plots.flow_figure(df)
-    assert [t.name for t in fig.data] == ["Last->Last", "Image->Question"]
+    assert [t.name for t in fig.data] == ["Image->Question", "Last->Last"]  # study order, as in flow_curves
     np.testing.assert_allclose(
-        fig.data[0].y, df[df.block == "Last->Last"].groupby("layer")["relative_change_pct"].mean()
+        fig.data[1].y, df[df.block == "Last->Last"].groupby("layer")["relative_change_pct"].mean()
     )
     assert len(plots.lens_figure(lens_table()).data) == 3
 
@@ -271,3 +272,41 @@ def test_flow_bands_stop_at_minus_100_percent():
     assert plots.mean_ci(df, ["block"], "relative_change_pct")["lo"].item() < -100
     (facet_band,) = traces(plots.flow_tasks_figure({"A": df}), "band")
     assert min(facet_band.y) == -100.0
+
+
+# ------------------------------------------------------------------------------------------ styles
+
+
+def test_block_styles_one_table_for_every_figure():
+    from mm_lens.knockout import STANDARD_BLOCKS, STUDY_BLOCKS
+
+    assert set(plots.BLOCK_STYLES) == set(STANDARD_BLOCKS) and set(STUDY_BLOCKS) <= set(STANDARD_BLOCKS)
+    looks = {(s["color"], s["dash"]) for s in plots.BLOCK_STYLES.values()}
+    assert len(looks) == 6 and len({s["symbol"] for s in plots.BLOCK_STYLES.values()}) == 6
+    assert all(s["color"] in plots.PALETTE for s in plots.BLOCK_STYLES.values())
+    # a block's style does not depend on which other blocks the figure holds
+    assert plots.block_styles(["Last->Last"])["Last->Last"] == plots.BLOCK_STYLES["Last->Last"]
+    # unknown blocks take the styles after the standard six, in order of appearance, deterministically
+    mine = plots.block_styles(["mine", "Image->Last", "yours"])
+    assert list(mine) == ["Image->Last", "mine", "yours"]
+    assert mine["mine"] == plots.style(6) and mine["yours"] == plots.style(7)
+    assert plots.block_styles(["mine", "yours"]) == {k: mine[k] for k in ("mine", "yours")}
+    assert len({(plots.style(i)["color"], plots.style(i)["dash"]) for i in range(48)}) == 48
+
+    flow = flow_table(n_samples=3).assign(block=lambda d: d["block"].map(
+        {"Image->Question": "Image->Question", "Last->Last": "Other Image Patches->Question"}))
+    for fig in (plots.flow_curves(flow), plots.flow_figure(flow), plots.flow_tasks_figure({"A": flow, "B": flow})):
+        for t in traces(fig):
+            want = plots.BLOCK_STYLES[t.name]
+            assert (t.line.color, t.line.dash, t.marker.symbol) == (want["color"], want["dash"], want["symbol"])
+
+
+def test_flat_curves_are_offset_along_x_and_hover_shows_the_layer():
+    df = flow_table(n_samples=3).assign(relative_change_pct=0.0)
+    lines = traces(plots.flow_curves(df))
+    xs = [np.asarray(t.x, float) for t in lines]
+    assert not np.allclose(xs[0], xs[1])  # both on zero, but not on top of each other
+    for x, t in zip(xs, lines, strict=True):
+        np.testing.assert_allclose(x.round(), np.asarray(t.customdata)[:, 3].astype(float))
+        assert np.abs(x - x.round()).max() <= 0.25
+        assert "customdata[3]" in t.hovertemplate
