@@ -13,7 +13,16 @@ from collections.abc import Sequence
 
 from mm_lens.data.gqa import TASKS
 from mm_lens.errors import MMLensError
-from mm_lens.names import ENGINE_NAMES, PAIR_MODES, PROTOCOL_NAMES, READOUTS, SITES, STUDY_BLOCKS
+from mm_lens.names import (
+    ENGINE_NAMES,
+    MAP_BOX_GROUP,
+    MAP_METHODS,
+    PAIR_MODES,
+    PROTOCOL_NAMES,
+    READOUTS,
+    SITES,
+    STUDY_BLOCKS,
+)
 
 ENGINE_HELP = f"sweep engine: {' or '.join(ENGINE_NAMES)} (default: the library's, mm_lens.engines.DEFAULT_ENGINE)"
 
@@ -90,6 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
                           help="corruption: another image whose answer differs (default), or the options swapped")
     patching.set_defaults(func=cmd_patching)
 
+    maps = sub.add_parser("maps", help="patch maps over the image (knockout, attention, gradient) -> maps.csv")
+    _common(maps)
+    maps.add_argument("--target", default="Question",
+                      help="region whose access to the patches is mapped (default: Question; e.g. Last)")
+    maps.add_argument("--method", dest="methods", type=_map_methods, default=list(MAP_METHODS),
+                      help=f"comma-separated map methods from {', '.join(MAP_METHODS)} (default: all three)")
+    maps.add_argument("--group", type=_map_group, default=1,
+                      help=f"patches per group side (1: single patches, 2: 2x2, ...), or {MAP_BOX_GROUP!r}: the "
+                           "row's object boxes (default 1)")
+    maps.add_argument("--layers", action="append", type=_map_layers, default=None, metavar="START:STOP",
+                      help="window of layers START..STOP-1, repeatable (default: each sample's strongest window "
+                           "of Image->TARGET)")
+    maps.add_argument("--all-samples", action="store_true",
+                      help="keep samples the model answers wrongly (the study protocol keeps correct ones only)")
+    maps.add_argument("--engine", default=None, choices=ENGINE_NAMES, help=ENGINE_HELP)
+    maps.set_defaults(func=cmd_maps)
+
     study = sub.add_parser(
         "study", help="the whole study: six task sets x six blocks + the lens, under the study protocol -> report"
     )
@@ -114,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results_dir", help="folder with flow.csv / lens.csv / attention.csv (and <Task>/ subfolders)")
     report.add_argument("--out", default=None, help="HTML file to write (default: RESULTS_DIR/report.html)")
     report.add_argument("--title", default=None, help="page title (default: from the folder name)")
+    report.add_argument(
+        "--format", default="html", choices=("html", "svg", "pdf", "png"),
+        help="html: the report only (default); svg / pdf / png: also one publication figure per report figure, "
+        "in --figures-dir (needs kaleido: pip install 'mm-lens[export]')",
+    )
+    report.add_argument("--figures-dir", default=None, help="folder for the figures (default: RESULTS_DIR/figures)")
     report.set_defaults(func=cmd_report)
 
     merge = sub.add_parser("merge", help="combine finished --shard runs into one flow.csv / lens.csv")
@@ -143,6 +175,31 @@ def _lens_options(p: argparse.ArgumentParser) -> None:
                         "(default: the protocol's)")
     p.add_argument("--all-samples", action="store_true",
                    help="keep samples the model answers wrongly (the study protocol's lens keeps correct ones only)")
+
+
+def _map_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in MAP_METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: choose comma-separated methods from {', '.join(MAP_METHODS)}"
+        )
+    return methods
+
+
+def _map_group(text: str) -> int | str:
+    if text == MAP_BOX_GROUP:
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive number of patches per side, or {MAP_BOX_GROUP!r}")
+    return int(text)
+
+
+def _map_layers(text: str) -> range:
+    start, sep, stop = text.partition(":")
+    if not sep or not start.strip().isdigit() or not stop.strip().isdigit() or int(stop) <= int(start):
+        raise argparse.ArgumentTypeError(f"{text!r}: a window START:STOP of layers START..STOP-1, e.g. 2:6")
+    return range(int(start), int(stop))
 
 
 def _device_map(text):
@@ -201,6 +258,14 @@ def cmd_patching(args) -> None:
     _report(patching_run(regions=args.regions or ["Image"], site=args.site, pairs=args.pairs, **_run_args(args)))
 
 
+def cmd_maps(args) -> None:
+    from mm_lens.runs import maps_run
+
+    engine = {"engine": args.engine} if args.engine else {}
+    _report(maps_run(target=args.target, methods=args.methods, group=args.group, layers=args.layers,
+                     all_samples=args.all_samples, **engine, **_run_args(args)))
+
+
 def cmd_study(args) -> None:
     from mm_lens.study import run_study
 
@@ -220,8 +285,13 @@ def cmd_merge(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from mm_lens.report import build_report
+    from mm_lens.report import build_report, export_figures
 
+    fmt = getattr(args, "format", "html")
+    if fmt != "html":  # figures first: a missing kaleido stops before anything is written
+        paths = export_figures(args.results_dir, out_dir=getattr(args, "figures_dir", None), format=fmt)
+        folder = paths[0].parent if paths else "(no figure)"
+        print(f"wrote {len(paths)} {fmt} figure{'s' if len(paths) != 1 else ''} to {folder}", file=sys.stderr)
     print(f"wrote {build_report(args.results_dir, out_path=args.out, title=args.title)}", file=sys.stderr)
 
 

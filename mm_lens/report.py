@@ -10,12 +10,22 @@ Figure keys (for ``readings``): ``flow``, ``flow_tasks``, ``flow/<Task>``, ``len
 ``lens/<Task>``, ``attention``, ``attention/<Task>``; `report_figures` lists those a folder yields. The
 reading ``intro`` opens the page. Skip lists written by a run (``flow.skips.csv``) are counted in the
 summary table; ``shard-i-of-n`` folders are parts of a run, not tasks, and are left out.
+
+The page's header says what produced the tables, from each run's configuration (``flow.config.json``, ...;
+`mm_lens.run_dir.run_config`): model, protocol, window, engine, dtype, dataset, sample counts and the versions of
+mm-lens, torch, transformers and transformer_lens (``"not recorded"`` where a configuration lacks them);
+`provenance` returns the same as data.
+
+`export_figures` (``mm-lens report DIR --format svg|pdf|png``) writes each report figure as one publication
+figure file; it needs the optional ``kaleido`` package (``pip install 'mm-lens[export]'``) and a Chrome or
+Chromium that kaleido can start.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import html
+import json
 import re
 from dataclasses import dataclass, field
 from os import PathLike
@@ -50,6 +60,7 @@ class Results:
     tables: dict[str, dict[str, pd.DataFrame]]
     notes: list[str]
     skips: dict[str, dict[str, pd.DataFrame]] = field(default_factory=dict)  # kind -> task -> skip list
+    configs: dict[str, dict[str, dict]] = field(default_factory=dict)  # kind -> task -> the run's config.json
 
 
 def _read(path: Path, kind: str) -> pd.DataFrame:
@@ -74,12 +85,22 @@ def load_results(results_dir: str | PathLike) -> Results:
     tables: dict[str, dict[str, pd.DataFrame]] = {kind: {} for kind in RESULT_FILES}
     notes: list[str] = []
     skips: dict[str, dict[str, pd.DataFrame]] = {kind: {} for kind in RESULT_FILES}
+    configs: dict[str, dict[str, dict]] = {kind: {} for kind in RESULT_FILES}
     folders = [("", root)] + [
         (d.name, d) for d in sorted(root.iterdir())
         if d.is_dir() and not d.name.startswith(".") and not _SHARD_DIR.match(d.name)
     ]
     for task, folder in folders:
         for kind, name in RESULT_FILES.items():
+            config_path = folder / f"{kind}.config.json"
+            if config_path.is_file():
+                try:
+                    config = json.loads(config_path.read_text(encoding="utf-8"))
+                except (OSError, ValueError) as err:
+                    notes.append(f"{config_path.relative_to(root)} could not be read ({err}); run not described.")
+                else:
+                    if isinstance(config, dict):
+                        configs[kind][task] = config
             skip_path = folder / f"{kind}.skips.csv"
             if skip_path.is_file():
                 try:
@@ -100,7 +121,7 @@ def load_results(results_dir: str | PathLike) -> Results:
             f"no {', '.join(RESULT_FILES.values())} in {str(root)!r} or its subfolders; "
             "run `mm-lens flow/lens --out DIR` first"
         )
-    return Results(root=root, tables=tables, notes=notes, skips=skips)
+    return Results(root=root, tables=tables, notes=notes, skips=skips, configs=configs)
 
 
 def _per_task(found: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
@@ -200,13 +221,17 @@ figure.mm-figure { background: #fff; border: 1px solid #e3e3e3; border-radius: 6
                    padding: 0.8rem 1rem; }
 figure.mm-figure h2 { font-size: 1.15rem; margin: 0.2rem 0 0.4rem; }
 figcaption { font-size: 0.92rem; color: #444; line-height: 1.45; }
-.reading { border-left: 3px solid #1f77b4; padding: 0.1rem 0 0.1rem 0.8rem; margin-top: 0.6rem; color: #222; }
+.reading { border-left: 3px solid #0072B2; padding: 0.1rem 0 0.1rem 0.8rem; margin-top: 0.6rem; color: #222; }
 table.summary { border-collapse: collapse; font-size: 0.9rem; margin: 0.8rem 0; }
 table.summary th, table.summary td { border: 1px solid #ddd; padding: 0.25rem 0.7rem; text-align: right; }
 table.summary th:first-child, table.summary td:first-child { text-align: left; }
 .notes { font-size: 0.9rem; color: #8a5a00; }
 .skipped { color: #888; font-size: 0.85rem; }
 .intro { max-width: 900px; line-height: 1.5; }
+table.provenance { border-collapse: collapse; font-size: 0.88rem; margin: 0.6rem 0; }
+table.provenance caption { text-align: left; color: #666; padding-bottom: 0.2rem; }
+table.provenance th { text-align: left; font-weight: 600; padding: 0.15rem 1rem 0.15rem 0; vertical-align: top; }
+table.provenance td { padding: 0.15rem 0; font-family: ui-monospace, SFMono-Regular, Menlo, monospace; }
 nav { display: flex; flex-wrap: wrap; gap: 0.3rem 0.9rem; font-size: 0.9rem; }
 """
 
@@ -241,6 +266,111 @@ def _summary_table(results: Results) -> str:
         body += f"<tr><td>{html.escape(label)}</td>{cells}</tr>"
     return f'<table class="summary"><tr><th>samples per table</th>{head}</tr>{body}</table>'
 
+NOT_RECORDED = "not recorded"
+#: Packages whose versions the header shows: the keys of a run configuration's ``versions``.
+VERSION_KEYS = ("mm_lens", "torch", "transformers", "transformer_lens")
+_FLOW_ONLY = ("window", "engine")  # options only a flow run has
+
+
+def _runs(results: Results) -> list[tuple[str, str, dict]]:
+    """``(label, kind, config)`` of each run configuration found, label ``<task>/<kind>`` (``<kind>`` at the top)."""
+    out = []
+    for kind, by_task in results.configs.items():
+        for task in sorted(by_task):
+            out.append((f"{task}/{kind}" if task else kind, kind, by_task[task]))
+    return out
+
+
+def _versions(config: dict) -> dict[str, str]:
+    recorded = config.get("versions")
+    recorded = recorded if isinstance(recorded, dict) else {}
+    out = {k: str(recorded[k]) if recorded.get(k) else NOT_RECORDED for k in VERSION_KEYS}
+    if out["mm_lens"] == NOT_RECORDED and config.get("mm_lens_version"):
+        out["mm_lens"] = str(config["mm_lens_version"])
+    return out
+
+
+def _field(config: dict, name: str) -> str:
+    if name == "dataset":
+        value = config.get("dataset")
+        return Path(str(value)).name if value else NOT_RECORDED
+    if name.startswith("version:"):
+        return _versions(config)[name.removeprefix("version:")]
+    value = config.get(name)
+    return NOT_RECORDED if value is None or value == "" else str(value)
+
+
+def _summarise(values: list[tuple[str, str]]) -> str:
+    """One value when the runs agree, else each value with the runs that have it."""
+    by_value: dict[str, list[str]] = {}
+    for label, value in values:
+        by_value.setdefault(value, []).append(label)
+    if len(by_value) == 1:
+        return next(iter(by_value))
+    return "; ".join(f"{v} ({', '.join(labels)})" for v, labels in by_value.items())
+
+
+#: The header's fields: (label, config key); ``version:<package>`` reads ``config["versions"]``.
+PROVENANCE_FIELDS = (
+    ("model", "model"), ("protocol", "protocol"), ("window", "window"), ("engine", "engine"), ("dtype", "dtype"),
+    ("dataset", "dataset"), ("samples", "n_samples"), ("mm-lens", "version:mm_lens"), ("torch", "version:torch"),
+    ("transformers", "version:transformers"), ("transformer_lens", "version:transformer_lens"),
+)
+
+
+def provenance(results: Results | str | PathLike) -> dict[str, str]:
+    """What produced a results folder, from its runs' configurations: ``{field: value}`` for the fields of
+    `PROVENANCE_FIELDS` (model, protocol, window, engine, dtype, dataset, samples, mm-lens, torch, transformers,
+    transformer_lens). A value the runs disagree on lists each value with its runs (``"8 (ChooseAttr/flow);
+    12 (ChooseRel/flow)"``); ``samples`` is the runs' dataset sizes (after ``--limit``) added up per analysis.
+    Window and engine come from flow runs only. Fields no configuration records read `NOT_RECORDED`; a folder
+    without any configuration gives ``{}``."""
+    if not isinstance(results, Results):
+        results = load_results(results)
+    runs = _runs(results)
+    if not runs:
+        return {}
+    out: dict[str, str] = {}
+    for label, key in PROVENANCE_FIELDS:
+        if key == "n_samples":
+            totals: dict[str, int] = {}
+            for _, kind, config in runs:
+                n = config.get("n_samples")
+                if isinstance(n, int):
+                    totals[kind] = totals.get(kind, 0) + n
+            if not totals:
+                out[label] = NOT_RECORDED
+            elif len(set(totals.values())) == 1:
+                out[label] = str(next(iter(totals.values())))
+            else:
+                out[label] = "; ".join(f"{n} ({kind})" for kind, n in totals.items())
+            continue
+        chosen = [(name, kind, c) for name, kind, c in runs if key not in _FLOW_ONLY or kind == "flow"]
+        if not chosen:
+            out[label] = "not applicable (no flow run)"
+            continue
+        out[label] = _summarise([(name, _field(c, key)) for name, _, c in chosen])
+    return out
+
+
+def _provenance_html(results: Results) -> str:
+    facts = provenance(results)
+    if not facts:
+        return (
+            '<section class="provenance"><p class="notes">No run configuration (<code>flow.config.json</code>, ...) '
+            "in this folder: model, protocol, window, engine, dtype, dataset and package versions are "
+            f"{NOT_RECORDED}.</p></section>"
+        )
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts.items()
+    )
+    runs = ", ".join(label for label, _, _ in _runs(results))
+    return (
+        '<section class="provenance"><table class="provenance">'
+        f"<caption>Produced by (from the configuration of {html.escape(runs)})</caption>{rows}</table></section>"
+    )
+
+
 
 def render_html(
     figures: list[ReportFigure],
@@ -248,8 +378,10 @@ def render_html(
     readings: dict[str, str] | None = None,
     intro_html: str = "",
     notes: list[str] | None = None,
+    header_html: str = "",
 ) -> str:
-    """The report page: plotly.js inlined once, then each figure with its heading, caption and reading."""
+    """The report page: plotly.js inlined once, a header (``header_html``: what produced the tables), then each
+    figure with its heading, caption and reading."""
     from plotly.offline import get_plotlyjs
 
     readings = dict(readings or {})
@@ -284,7 +416,7 @@ def render_html(
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<style>{_CSS}</style>\n<script>{_HEAD_SCRIPT}</script>\n"
         f'<script type="text/javascript">{get_plotlyjs()}</script>\n</head>\n<body>\n<main>\n'
-        f"<h1>{html.escape(title)}</h1>\n<p class=\"meta\">mm-lens report, {stamp}</p>\n"
+        f"<h1>{html.escape(title)}</h1>\n<p class=\"meta\">mm-lens report, {stamp}</p>\n{header_html}"
         f"{intro}{intro_html}{notes_html}<nav>{''.join(nav)}</nav>\n"
         + "\n".join(sections)
         + f"\n</main>\n<script>{_TAIL_SCRIPT}</script>\n</body>\n</html>\n"
@@ -313,6 +445,7 @@ def build_report(
         readings=readings,
         intro_html=_summary_table(results),
         notes=results.notes,
+        header_html=_provenance_html(results),
     )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -322,4 +455,88 @@ def build_report(
     return out
 
 
-__all__ = ["RESULT_FILES", "ReportFigure", "Results", "build_report", "load_results", "render_html", "report_figures"]
+# ------------------------------------------------------------------------------------------ figure export
+
+EXPORT_FORMATS = ("svg", "pdf", "png")
+EXPORT_EXTRA = "pip install 'mm-lens[export]'"
+
+
+def figure_file_name(key: str, format: str) -> str:
+    """The file of a report figure: its key with ``/`` as ``-`` (``flow/ChooseAttr`` -> ``flow-ChooseAttr.svg``)."""
+    stem = "".join(c if c.isalnum() or c in "_-." else "-" for c in key.replace("/", "-"))
+    return f"{stem}.{format}"
+
+
+def publication_figure(figure: go.Figure, width: int = 900, font_size: int = 14) -> go.Figure:
+    """A copy of a report figure styled for print: white background, a sans-serif font of ``font_size``,
+    ``width`` pixels wide (its own height, else 500)."""
+    fig = go.Figure(figure)
+    fig.update_layout(
+        template="plotly_white", width=width, height=figure.layout.height or 500, paper_bgcolor="white",
+        plot_bgcolor="white", font=dict(family="Helvetica, Arial, sans-serif", size=font_size, color="black"),
+    )
+    return fig
+
+
+def _require_kaleido(format: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("kaleido") is None:
+        raise MMLensError(
+            f"exporting figures as {format} needs the optional kaleido package: {EXPORT_EXTRA} "
+            "(or pip install 'kaleido>=1.3'); kaleido drives an installed Chrome or Chromium"
+        )
+
+
+def export_figures(
+    results_dir: str | PathLike,
+    out_dir: str | PathLike | None = None,
+    format: str = "svg",
+    level: float = 0.95,
+    width: int = 900,
+    scale: float = 2.0,
+) -> list[Path]:
+    """Write one publication figure per report figure of ``results_dir`` (`report_figures`) into ``out_dir``
+    (default ``results_dir/figures``) as ``format`` (``svg``, ``pdf`` or ``png``; ``scale`` sets png's pixel
+    density); returns the paths, in page order, named by `figure_file_name`.
+
+    Needs kaleido (``pip install 'mm-lens[export]'``) and a Chrome / Chromium for it; without kaleido this is an
+    `MMLensError` naming the extra, and a failed export an `MMLensError` with kaleido's reason."""
+    format = str(format).lower().lstrip(".")
+    if format not in EXPORT_FORMATS:
+        raise MMLensError(f"figure format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    _require_kaleido(format)
+    results = load_results(results_dir)
+    figures = _figures(results, level)
+    out = Path(out_dir).expanduser() if out_dir is not None else results.root / "figures"
+    paths = [out / figure_file_name(f.key, format) for f in figures]
+    if not figures:
+        return []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MMLensError(f"cannot create the figure folder {str(out)!r}: {err}") from err
+    import plotly.io as pio
+
+    figs = [publication_figure(f.figure, width=width) for f in figures]
+    try:
+        pio.write_images(
+            figs, paths, format=format, width=[f.layout.width for f in figs], height=[f.layout.height for f in figs],
+            scale=scale if format == "png" else 1,
+        )
+    except Exception as err:  # kaleido's own errors (no browser, a browser that failed) are not one type
+        raise MMLensError(
+            f"kaleido could not export the figures as {format}: {type(err).__name__}: {err}. kaleido needs a Chrome "
+            "or Chromium: install one (e.g. Debian's chromium) or run `kaleido_get_chrome`"
+        ) from err
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise MMLensError(f"kaleido wrote no file for {', '.join(missing)}")
+    return paths
+
+
+__all__ = [
+    "EXPORT_FORMATS", "NOT_RECORDED", "PROVENANCE_FIELDS", "RESULT_FILES", "ReportFigure", "Results", "build_report",
+    "export_figures", "figure_file_name", "load_results", "provenance", "publication_figure", "render_html",
+    "report_figures",
+]
