@@ -61,7 +61,7 @@ def flow_figure(df: pd.DataFrame, title: str = "Attention knockout: change in an
     """Mean relative change (%) of the answer probability per layer, one line per block."""
     _need(df, ["block", "layer", "relative_change_pct"], "flow")
     fig = _mean_lines(df, "block", "relative_change_pct", _block_styles)
-    fig.add_hline(y=0, line_dash="dot", line_color="gray")
+    fig.add_hline(y=0, line_dash="dot", line_color="gray", layer="below")
     fig.update_layout(title=title, xaxis_title="layer", yaxis_title="relative change in probability (%)")
     return fig
 
@@ -391,7 +391,7 @@ def flow_curves(
         legend_title_text=legend_title,
         hovermode="closest",
     )
-    fig.add_hline(y=0, line_dash="dot", line_color="gray")
+    fig.add_hline(y=0, line_dash="dot", line_color="gray", layer="below")
     return fig
 
 
@@ -458,7 +458,7 @@ def _facets(
         summary = mean_ci(df, [key, "layer"], value, level)
         _add_curves(fig, summary, key, styles, labels, unit, clip=clip, row=r + 1, col=c + 1, legend_shown=shown)
         if unit == "%":
-            fig.add_hline(y=0, line_dash="dot", line_color="gray", row=r + 1, col=c + 1)
+            fig.add_hline(y=0, line_dash="dot", line_color="gray", layer="below", row=r + 1, col=c + 1)
     fig.update_xaxes(title_text="layer", row=rows)
     fig.update_yaxes(title_text=y_title, col=1)
     if clip is not None and all(map(math.isfinite, clip)):
@@ -685,7 +685,7 @@ def patching_figure(df: pd.DataFrame, title: str = "Activation patching: restora
     _need(df, ["region", "site", "layer", "restoration"], "patching")
     lines = df.assign(line=df["region"].astype(str) + " @ " + df["site"].astype(str))
     fig = _mean_lines(lines, "line", "restoration")
-    fig.add_hline(y=0, line_dash="dot", line_color="gray")
+    fig.add_hline(y=0, line_dash="dot", line_color="gray", layer="below")
     fig.update_layout(title=title, xaxis_title="layer patched", yaxis_title="restoration (0 = corrupted, 1 = clean)")
     return fig
 
@@ -704,8 +704,8 @@ def patching_curves(
         title=title, xaxis_title="layer patched", yaxis_title="restoration (0 = corrupted, 1 = clean)",
         legend_title_text="region @ site", hovermode="closest",
     )
-    fig.add_hline(y=0, line_dash="dot", line_color="gray")
-    fig.add_hline(y=1, line_dash="dot", line_color="gray")
+    fig.add_hline(y=0, line_dash="dot", line_color="gray", layer="below")
+    fig.add_hline(y=1, line_dash="dot", line_color="gray", layer="below")
     return fig
 
 

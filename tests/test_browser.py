@@ -126,6 +126,11 @@ def summarise(dom: str) -> DomSummary:
     return parser
 
 
+def hex_rgb(color: str) -> tuple[int, int, int]:
+    h = color.lstrip("#")
+    return tuple(int(h[i : i + 2], 16) for i in (0, 2, 4))
+
+
 def write_results(folder: Path) -> None:
     rng = np.random.default_rng(0)
     for task in ("ChooseAttr", "ChooseRel"):
@@ -170,7 +175,7 @@ def test_report_draws_every_figure_offline_without_js_errors(chromium, tmp_path)
     image = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert image.shape[:2] == (2400, 1200)
     # the main figure's blue Image->Question line and its band are on the page, not a blank canvas
-    blue = np.abs(image - np.array([31, 119, 180])).sum(-1) < 40
+    blue = np.abs(image - np.array(hex_rgb(plots.BLOCK_STYLES["Image->Question"]["color"]))).sum(-1) < 40
     assert blue.sum() > 500, blue.sum()
     assert image.std() > 10
 
@@ -196,3 +201,71 @@ def test_patch_figure_draws_and_errors_are_recorded(chromium, tmp_path):
     bad.write_text(html.replace("</body>", "<script>notAFunction();</script></body>"))
     found = summarise(run_chromium(chromium, bad, tmp_path / "p2", "--dump-dom"))
     assert "notAFunction" in found.html_attrs.get("data-js-errors", "")
+
+
+def write_config(folder: Path, command: str, n_samples: int) -> None:
+    """A run configuration with the keys `mm_lens.run_dir.run_config` records (what the report's header reads)."""
+    import json
+
+    config = dict(command=command, dataset=f"/data/{folder.name}.jsonl", n_samples=n_samples, model="toy-llava",
+                  dtype="float32", protocol="study", mm_lens_version="0.1.0",
+                  versions=dict(mm_lens="0.1.0", torch="2.13.0", transformers="5.25.0", transformer_lens="4.3.0"))
+    if command == "flow":
+        config.update(window=3, engine="mask")
+    (folder / f"{command}.config.json").write_text(json.dumps(config))
+
+
+def test_screenshot_figures_tell_blocks_and_lens_forms_apart(chromium, tmp_path):
+    """A screenshot of the report (kept under tmp_path as report-1400x2000.png) shows the header and every
+    study block in its own colour; on the figure objects, each block and each lens form has its own (colour,
+    dash) and marker, flat curves do not sit on top of each other, and a block looks the same in every figure."""
+    results = tmp_path / "results"
+    write_results(results)
+    # a flat block (no effect anywhere) next to the others: still visible
+    for task in ("ChooseAttr", "ChooseRel"):
+        flow = pd.read_csv(results / task / "flow.csv")
+        flow.loc[flow.block == "Last->Last", "relative_change_pct"] = 0.0
+        flow.to_csv(results / task / "flow.csv", index=False)
+        write_config(results / task, "flow", 4)
+        write_config(results / task, "lens", 4)
+    page = build_report(results)
+    figures = {f.key: f.figure for f in report_figures(results)}
+
+    def lines(fig):
+        return [t for t in fig.data if t.showlegend is not False and "(interval)" not in (t.name or "")]
+
+    for key in ("flow", "lens", "flow/ChooseAttr", "lens/ChooseRel"):
+        drawn = lines(figures[key])
+        looks = [(t.line.color, t.line.dash) for t in drawn]
+        assert len(drawn) >= 3 and len(set(looks)) == len(looks), (key, looks)
+        assert len({t.line.color for t in drawn}) == len(drawn), key  # colour alone tells them apart too
+        assert len({t.marker.symbol for t in drawn}) == len(drawn), key
+        xs = [np.asarray(t.x, float) for t in drawn]
+        assert all(not np.allclose(a, b) for i, a in enumerate(xs) for b in xs[i + 1:]), key
+    # the same block is drawn the same way in the pooled figure, a task's figure and the per-task panels
+    seen: dict[str, set] = {}
+    for key in ("flow", "flow_tasks", "flow/ChooseAttr", "flow/ChooseRel"):
+        for t in figures[key].data:
+            if "(interval)" not in t.name:
+                seen.setdefault(t.name, set()).add((t.line.color, t.line.dash, t.marker.symbol))
+    assert set(seen) == {"Image->Question", "Image->Last", "Question->Last", "Last->Last"}
+    assert all(len(v) == 1 for v in seen.values()), seen
+    for key in ("flow", "flow_tasks"):  # the zero line lies under the curves, not over a flat one
+        assert figures[key].layout.shapes and all(s.layer == "below" for s in figures[key].layout.shapes)
+    lens = {t.name: t for t in lines(figures["lens"])}
+    lower, upper = lens["answer (lower case)"], lens["Answer (capitalised)"]
+    assert lower.line.color != upper.line.color and lower.line.dash != upper.line.dash
+
+    shot = tmp_path / "report-1400x2000.png"
+    run_chromium(chromium, page, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1400,2000")
+    image = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert image.shape[:2] == (2000, 1400)
+    for block in ("Image->Question", "Image->Last", "Question->Last", "Last->Last"):
+        near = np.abs(image - np.array(hex_rgb(plots.BLOCK_STYLES[block]["color"]))).sum(-1) < 30
+        assert near.sum() > 150, (block, int(near.sum()))
+    # the flat Last->Last line is drawn over the zero line, not hidden under it (about 3000 of its purple pixels
+    # on this page; about 1900, legends and markers only, when the zero line covered it)
+    purple = np.abs(image - np.array(hex_rgb(plots.BLOCK_STYLES["Last->Last"]["color"]))).sum(-1) < 30
+    assert purple.sum() > 2400, int(purple.sum())
+    dom = run_chromium(chromium, page, tmp_path / "profile-dom", "--dump-dom")
+    assert "<th>transformer_lens</th><td>4.3.0</td>" in dom and "<th>window</th><td>3</td>" in dom
