@@ -7,8 +7,10 @@ from the numbers of this run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -91,6 +93,25 @@ def lens_reading(lens: pd.DataFrame) -> str:
     return "Answer logit lens: " + "; ".join(parts) + "."
 
 
+class PhaseClock:
+    """Wall-clock seconds per phase of the demo (summed over tasks), so its time can be quoted from a run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - start, 2)
+
+    def line(self) -> str:
+        total = sum(self.seconds.values())
+        return f"{total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()) + ")"
+
+
 def run_demo(out_dir: str | Path = "results/demo", n_per_task: int = 30, model_path: str | Path | None = None,
              engine: str = DEFAULT_ENGINE, progress: bool = True) -> Path:
     """Run the demo into `out_dir` (resumable: re-running skips finished samples); returns the report's path."""
@@ -98,18 +119,24 @@ def run_demo(out_dir: str | Path = "results/demo", n_per_task: int = 30, model_p
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = str(model_path or toy_model_path())
-    hooked = load(model)
+    clock = PhaseClock()
+    with clock("load"):
+        hooked = load(model)
     n_layers = hooked.n_layers
     k = demo_window(n_layers)
-    csvs = world.write_task_csvs(out / "data", n_per_task, seed=HELD_OUT_SEED)
+    with clock("data"):
+        csvs = world.write_task_csvs(out / "data", n_per_task, seed=HELD_OUT_SEED)
     images = out / "data" / "images"
     flows, lenses, summary = [], [], {}
     for task, csv in csvs.items():
         print(f"[{task}] {n_per_task} held-out questions", file=sys.stderr)
-        flow = flow_run(out / task, hooked, csv, images, blocks=list(DEMO_BLOCKS), window=k, engine=engine,
-                        progress=progress)
-        lens_run(out / task, hooked, csv, images, progress=progress)
-        attention_run(out / task, hooked, csv, images, progress=progress)
+        with clock("flow"):
+            flow = flow_run(out / task, hooked, csv, images, blocks=list(DEMO_BLOCKS), window=k, engine=engine,
+                            progress=progress)
+        with clock("lens"):
+            lens_run(out / task, hooked, csv, images, progress=progress)
+        with clock("attention"):
+            attention_run(out / task, hooked, csv, images, progress=progress)
         flows.append(pd.read_csv(out / task / "flow.csv", dtype={"question_id": str}).assign(task=task))
         lenses.append(pd.read_csv(out / task / "lens.csv", dtype={"question_id": str}).assign(task=task))
         wrong = sum(s.kind == "wrong answer" for s in flow.skips)
@@ -124,7 +151,10 @@ def run_demo(out_dir: str | Path = "results/demo", n_per_task: int = 30, model_p
     for task, df in zip(summary, flows, strict=False):
         if len(df):
             readings[f"flow/{task}"] = " ".join(flow_readings(df, n_layers, k).values())
+    with clock("report"):
+        report = build_report(out, readings=readings, title="mm-lens demo: the toy LLaVA on the shapes world")
+    print(f"demo: {clock.line()}", file=sys.stderr)
     (out / "summary.json").write_text(json.dumps(
-        {"model": model, "window": k, "n_layers": n_layers, "tasks": summary, "readings": readings}, indent=1))
-
-    return build_report(out, readings=readings, title="mm-lens demo: the toy LLaVA on the shapes world")
+        {"model": model, "window": k, "n_layers": n_layers, "tasks": summary, "readings": readings,
+         "seconds": clock.seconds}, indent=1))
+    return report
