@@ -152,9 +152,29 @@ IMAGE_LENS = Analysis(
     has_level=False,
 )
 
-#: Every analysis by name, in report order. flow, lens, attention and patching run over a dataset
+MAPS = Analysis(
+    name="maps",
+    title="Patch maps over the image",
+    columns=(
+        "question_id", "method", "target", "window_start", "window_stop", "step", "token_id", "group", "tile",
+        "row", "col", "rows", "cols", "n_patches", "x0", "y0", "x1", "y1", "value",
+    ),  # ("question_id", *mm_lens.maps.MAP_COLUMNS); analyses sits below maps, so the names are written out
+    required=("question_id", "method", "group", "tile", "row", "col", "value"),
+    caption=(
+        "Which image patches the answer needs (`mm_lens.maps.patch_map`), one value per group of patches: "
+        "knockout, the relative change (%) of the answer token's probability when the group may not be attended "
+        "to by the target positions over the window of layers (a drop: the answer needs it); attention, the mass "
+        "the target positions put on the group; gradient, a first-order estimate (x100) of the knockout's effect "
+        "on the answer's log-probability. First knockout map of {n}."
+    ),
+    figure=_plot("maps_figure", "mm_lens.map_plots"),
+    curves=_plot("maps_curves", "mm_lens.map_plots"),
+    has_level=False,
+)
+
+#: Every analysis by name, in report order. flow, lens, attention, patching and maps run over a dataset
 #: (`mm_lens.runs`); the report also draws ``heads.csv`` and ``image_lens.csv`` tables saved by hand.
-ANALYSES: dict[str, Analysis] = {a.name: a for a in (FLOW, LENS, ATTENTION, PATCHING, HEADS, IMAGE_LENS)}
+ANALYSES: dict[str, Analysis] = {a.name: a for a in (FLOW, LENS, ATTENTION, PATCHING, HEADS, IMAGE_LENS, MAPS)}
 
 
 def get_analysis(name: str | Analysis) -> Analysis:
@@ -216,6 +236,6 @@ def collect(
 
 
 __all__ = [
-    "ANALYSES", "ATTENTION", "FLOW", "HEADS", "IMAGE_LENS", "LENS", "PATCHING", "Analysis", "Process", "collect",
-    "each_sample", "get_analysis",
+    "ANALYSES", "ATTENTION", "FLOW", "HEADS", "IMAGE_LENS", "LENS", "MAPS", "PATCHING", "Analysis", "Process",
+    "collect", "each_sample", "get_analysis",
 ]

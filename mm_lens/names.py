@@ -21,9 +21,14 @@ PAIR_MODES = ("image", "options")
 ENGINE_NAMES = ("reference", "fast")
 #: The engine every sweep, run and command uses unless told otherwise (`mm_lens.engines.DEFAULT_ENGINE`).
 DEFAULT_ENGINE = "fast"
+#: Patch-map methods (`mm_lens.maps.METHODS`): causal knockout, attention mass, first-order gradient attribution.
+MAP_METHODS = ("knockout", "attention", "gradient")
+#: The patch-map grouping that takes the sample's object boxes (else a number of patches per side).
+MAP_BOX_GROUP = "box"
 #: The blocks of the study, in the order its figures use (`mm_lens.knockout.STUDY_BLOCKS`).
 STUDY_BLOCKS = ("Image->Question", "Image->Last", "Question->Last", "Last->Last")
 
 __all__ = [
-    "DEFAULT_ENGINE", "ENGINE_NAMES", "PAIR_MODES", "PROTOCOL_NAMES", "READOUTS", "SITES", "STUDY_BLOCKS", "VERSION",
+    "DEFAULT_ENGINE", "ENGINE_NAMES", "MAP_BOX_GROUP", "MAP_METHODS", "PAIR_MODES", "PROTOCOL_NAMES", "READOUTS",
+    "SITES", "STUDY_BLOCKS", "VERSION",
 ]

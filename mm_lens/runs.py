@@ -1,4 +1,5 @@
-"""Resumable runs of an analysis over a dataset: ``flow_run``, ``lens_run``, ``attention_run``, ``patching_run``.
+"""Resumable runs of an analysis over a dataset: ``flow_run``, ``lens_run``, ``attention_run``, ``patching_run``,
+``maps_run``.
 
 A run validates everything it can before the model loads (dataset, images folder, options, the protocol
 resolved from the checkpoint's files), records its configuration, then analyses each sample not done yet and
@@ -36,9 +37,12 @@ from mm_lens.data.gqa import load_task, open_image
 from mm_lens.engines import DEFAULT_ENGINE
 from mm_lens.errors import MMLensError
 from mm_lens.expectations import wrong_answer_warning
-from mm_lens.knockout import STUDY_BLOCKS, parse_edge
+from mm_lens.inputs import prepare
+from mm_lens.knockout import STUDY_BLOCKS, Edge, parse_edge
 from mm_lens.lens import lens_sample
+from mm_lens.maps import MAP_COLUMNS, METHODS, patch_map
 from mm_lens.model import check_checkpoint, load, offline_if_local, protocol_for_checkpoint, resolve_protocol
+from mm_lens.names import MAP_BOX_GROUP
 from mm_lens.patching import PAIR_MODES, SITES, counterfactual_pairs, patching_sample
 from mm_lens.regions import SPAN_NAMES
 from mm_lens.run_dir import (
@@ -53,10 +57,11 @@ from mm_lens.run_dir import (
     run_config,
 )
 from mm_lens.shards import local_device, merge_if_complete, merge_runs, shard_from_env
-from mm_lens.sweep import flow_sample, get_engine, layer_window
-from mm_lens.types import Sample, SampleSkip
+from mm_lens.sweep import _spans, flow_sample, get_engine, greedy_answer, layer_window, require_correct
+from mm_lens.types import Sample, SampleSkip, boxes_for, check_sample
 
-COMMANDS = ("flow", "lens", "attention", "patching")  # the analyses a run can be (mm_lens.analyses.ANALYSES)
+#: The analyses a run can be (`mm_lens.analyses.ANALYSES`).
+COMMANDS = ("flow", "lens", "attention", "patching", "maps")
 MAX_CONSECUTIVE_ERRORS = 5  # this many unexpected failures in a row stop the run (a set-up problem)
 
 
@@ -481,6 +486,125 @@ def patching_run(
     return run_analysis("patching", RunSpec(out, model, dataset, images, make_process, record, run=run))
 
 
+def _map_windows(layers: Any) -> list[range] | None:
+    """`maps_run`'s ``layers`` as a list of windows (None: each sample's strongest window)."""
+    if layers is None:
+        return None
+    if isinstance(layers, range) or (isinstance(layers, Sequence) and all(isinstance(x, int) for x in layers)):
+        layers = [layers]
+    windows = []
+    for w in layers:
+        w = w if isinstance(w, range) else range(min(w), max(w) + 1) if len(w) else range(0)
+        if not len(w) or w.step != 1 or w.start < 0:
+            raise MMLensError(f"layers {w} must be a non-empty window of consecutive layers from 0 up")
+        windows.append(w)
+    return windows
+
+
+def _map_group(group: Any) -> int | str:
+    if group == MAP_BOX_GROUP:
+        return group
+    if isinstance(group, str) and group.strip().isdigit():
+        group = int(group)
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise MMLensError(f"--group {group!r} must be a positive number of patches per side, or {MAP_BOX_GROUP!r}")
+    return group
+
+
+def maps_sample(
+    model: Any,
+    sample: Sample,
+    load_image: Callable[[Sample], Any],
+    target: str = "Question",
+    methods: Sequence[str] = METHODS,
+    group: int | str = 1,
+    layers: range | Sequence[range] | None = None,
+    all_samples: bool = False,
+    engine: str = DEFAULT_ENGINE,
+    protocol: Any = "auto",
+) -> pd.DataFrame:
+    """The patch maps of one sample (`mm_lens.maps.patch_map`) with a leading ``question_id`` column.
+
+    `SampleSkip` when it cannot be analysed: ``group="box"`` and the row has no usable box, a span target the
+    row does not give, or (under a protocol that keeps correct answers only, the study's, unless
+    ``all_samples``) the model answers wrongly (kind ``"wrong answer"``).
+    """
+    try:
+        image = load_image(sample)
+        inp = prepare(model, image, sample.question, spans=_spans(sample, [Edge("Image", target)]),
+                      protocol=protocol)
+        boxes = None
+        if group == MAP_BOX_GROUP:
+            check_sample(sample, need_boxes=True)
+            boxes = list(boxes_for(sample, *image.size))
+    except SampleSkip as skip:
+        skip.question_id = skip.question_id or str(sample.question_id)
+        raise
+    if inp.protocol.lens_correct_only and not all_samples:
+        greedy = greedy_answer(model, inp, cached=not getattr(get_engine(engine), "plain", False))
+        require_correct(greedy, inp, sample)
+    table = patch_map(model, inp, target, layers=layers, group=group, method=list(methods), boxes=boxes,
+                      image=image, engine=engine)
+    if table.empty:
+        raise SampleSkip("no box of the row covers an image patch", "no box", str(sample.question_id))
+    table.insert(0, "question_id", str(sample.question_id))
+    return table[["question_id", *MAP_COLUMNS]]
+
+
+def maps_run(
+    out: str | Path,
+    model: Any,  # a path / hub id, or a loaded HookedLlava
+    dataset: str | Path,
+    images: str | Path,
+    target: str = "Question",
+    methods: Sequence[str] = METHODS,
+    group: int | str = 1,
+    layers: range | Sequence[range] | None = None,
+    all_samples: bool = False,
+    engine: str = DEFAULT_ENGINE,
+    *,
+    options: RunOptions | None = None,
+    **run_options: Any,
+) -> RunSummary:
+    """Patch maps over the image as a resumable run into `out` (``maps.csv``, ``maps.html``, skips).
+
+    Per sample, one map per method (`mm_lens.maps.METHODS`) of the answer's first token: which groups of
+    patches (``group`` k: k x k patches; ``"box"``: the row's object boxes) the `target` positions need, over
+    ``layers`` (a window or a list of windows; None: each sample's strongest ``Image -> target`` window).
+    Under the study protocol only correctly answered samples count (``all_samples`` keeps every one). Run
+    options as in `flow_run`.
+    """
+
+    run = RunOptions.build(options, run_options, "maps_run",
+                           ("target", "methods", "group", "layers", "all_samples", "engine"))
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise MMLensError(f"--method {','.join(unknown) or '(none)'} is not a map method; choose from "
+                          f"{', '.join(METHODS)}")
+    parse_edge(f"Image->{target}", extra_names=SPAN_NAMES)  # an unknown target fails before the model loads
+    group = _map_group(group)
+    windows = _map_windows(layers)
+    get_engine(engine)
+
+    def record(resolved):
+        return {"target": target, "methods": methods, "group": group,
+                "layers": None if windows is None else [[w.start, w.stop] for w in windows],
+                "engine": engine, "all_samples": all_samples}
+
+    def make_process(model_, load_image, resolved):
+        proto = resolved.protocol
+        return lambda sample: maps_sample(model_, sample, load_image, target, methods, group, windows, all_samples,
+                                          engine, proto)
+
+    def check_model(model_, resolved):
+        for w in windows or ():
+            if w.stop > model_.n_layers:
+                raise MMLensError(f"layers {w.start}:{w.stop} reach past the model's {model_.n_layers} layers")
+
+    return run_analysis("maps", RunSpec(out, model, dataset, images, make_process, record, check_model, run=run))
+
+
 __all__ = [
     "COMMANDS",
     "RUN_OPTIONS",
@@ -494,6 +618,8 @@ __all__ = [
     "execute",
     "flow_run",
     "lens_run",
+    "maps_run",
+    "maps_sample",
     "merge_runs",
     "patching_run",
     "parse_shard",
