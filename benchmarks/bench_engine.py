@@ -111,7 +111,7 @@ def worker(ckpt: str, engine: str, threads: int) -> None:
     from PIL import Image
 
     from mm_lens.data.gqa import Box
-    from mm_lens.demo import window_for
+    from mm_lens.demo import demo_window
     from mm_lens.engines import clean_pass, get_engine
     from mm_lens.inputs import prepare
     from mm_lens.knockout import parse_edge
@@ -123,7 +123,7 @@ def worker(ckpt: str, engine: str, threads: int) -> None:
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
     inp = prepare(model, image, QUESTION, boxes=[Box(200, 120, 240, 200, "cylinder")])
-    k = window_for(model.n_layers)  # the study's 9 of 32 layers, scaled
+    k = demo_window(model.n_layers)  # the demo's rule: 9 per 32 layers, scaled
     windows = [layer_window(layer, k, model.n_layers) for layer in range(model.n_layers)]
     run = get_engine(engine)
     token = 5

@@ -53,7 +53,6 @@ def demo_window(n_layers: int) -> int:
     return max(1, round(9 * n_layers / 32))
 
 
-window_for = demo_window  # the old name (tests/test_demo.py, notebooks/01_quickstart.ipynb, benchmarks use it)
 
 
 def _layer_range(window: range) -> str:

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 
 from mm_lens.cli import main
-from mm_lens.demo import DEMO_BLOCKS, flow_readings, lens_reading, window_for
+from mm_lens.demo import DEMO_BLOCKS, demo_window, flow_readings, lens_reading
 from mm_lens.toy.world import TASKS
 
 
@@ -16,7 +16,7 @@ def test_demo_writes_tables_and_report(tmp_path):
     assert main(["demo", "--out", str(out), "--per-task", "3"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["tasks"]) == set(TASKS)
-    assert summary["window"] == window_for(summary["n_layers"])
+    assert summary["window"] == demo_window(summary["n_layers"])
     for task in TASKS:
         flow = pd.read_csv(out / task / "flow.csv")
         lens = pd.read_csv(out / task / "lens.csv")
