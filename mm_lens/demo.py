@@ -53,8 +53,6 @@ def demo_window(n_layers: int) -> int:
     return max(1, round(9 * n_layers / 32))
 
 
-
-
 def _layer_range(window: range) -> str:
     return f"layers {window.start}-{window.stop - 1}" if len(window) > 1 else f"layer {window.start}"
 
