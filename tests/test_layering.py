@@ -29,7 +29,7 @@ LAYERS = [
     "selfcheck",
     "analyses",  # one record per analysis kind, the per-sample loop
     "sweep", "lens", "attention", "heads", "patching", "image_lens", "maps",
-    "plots", "run_dir", "report", "shards", "runs", "study",
+    "plots", "map_plots", "run_dir", "report", "shards", "runs", "study",
     "toy", "toy.world", "toy.train", "demo",
     "cli", "__init__",
 ]
