@@ -141,7 +141,8 @@ def main() -> None:
     print(f"max relative probability difference: {rel:.2e} (over {n_ref} patches)")
     base = fast["clean_prob"]
     effect = max(abs(q - base) / base for q in fast["probs"]) * 100 if base else float("nan")
-    print(f"largest knockout effect: {effect:.3g}% of the clean probability {base:.3g} (the check is not vacuous)")
+    print(f"largest knockout effect: {effect:.3g}% of the clean probability {base:.3g} "
+          "(the scale to read the difference against)")
     fwd = fast["forward_seconds"]
     print(f"one clean forward: {fwd:.3f} s; attention map {fast['attention_seconds']:.3f} s "
           f"({fast['attention_seconds'] / fwd:.1f} forwards); gradient map {fast['gradient_seconds']:.3f} s "

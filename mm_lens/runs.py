@@ -40,7 +40,7 @@ from mm_lens.expectations import wrong_answer_warning
 from mm_lens.inputs import prepare
 from mm_lens.knockout import STUDY_BLOCKS, Edge, parse_edge
 from mm_lens.lens import lens_sample
-from mm_lens.maps import MAP_COLUMNS, METHODS, patch_map
+from mm_lens.maps import MAP_COLUMNS, METHODS, patch_groups, patch_map
 from mm_lens.model import check_checkpoint, load, offline_if_local, protocol_for_checkpoint, resolve_protocol
 from mm_lens.names import MAP_BOX_GROUP
 from mm_lens.patching import PAIR_MODES, SITES, counterfactual_pairs, patching_sample
@@ -537,6 +537,8 @@ def maps_sample(
         if group == MAP_BOX_GROUP:
             check_sample(sample, need_boxes=True)
             boxes = list(boxes_for(sample, *image.size))
+            if not patch_groups(model, inp, group, boxes, image):
+                raise SampleSkip("no box of the row covers an image patch", "no box")
     except SampleSkip as skip:
         skip.question_id = skip.question_id or str(sample.question_id)
         raise
@@ -545,8 +547,6 @@ def maps_sample(
         require_correct(greedy, inp, sample)
     table = patch_map(model, inp, target, layers=layers, group=group, method=list(methods), boxes=boxes,
                       image=image, engine=engine)
-    if table.empty:
-        raise SampleSkip("no box of the row covers an image patch", "no box", str(sample.question_id))
     table.insert(0, "question_id", str(sample.question_id))
     return table[["question_id", *MAP_COLUMNS]]
 
@@ -587,7 +587,13 @@ def maps_run(
     windows = _map_windows(layers)
     get_engine(engine)
 
+    def check_windows(n_layers: int) -> None:
+        for w in windows or ():
+            if w.stop > n_layers:
+                raise MMLensError(f"--layers {w.start}:{w.stop} reaches past the model's {n_layers} layers")
+
     def record(resolved):
+        check_windows(resolved.n_layers)  # before the model loads
         return {"target": target, "methods": methods, "group": group,
                 "layers": None if windows is None else [[w.start, w.stop] for w in windows],
                 "engine": engine, "all_samples": all_samples}
@@ -598,9 +604,7 @@ def maps_run(
                                           engine, proto)
 
     def check_model(model_, resolved):
-        for w in windows or ():
-            if w.stop > model_.n_layers:
-                raise MMLensError(f"layers {w.start}:{w.stop} reach past the model's {model_.n_layers} layers")
+        check_windows(model_.n_layers)
 
     return run_analysis("maps", RunSpec(out, model, dataset, images, make_process, record, check_model, run=run))
 
