@@ -24,6 +24,7 @@ _EXPORTS = {
     "answer_forms": "mm_lens.lens", "answer_lens": "mm_lens.lens", "layer_probs": "mm_lens.lens",
     "HookedLlava": "mm_lens.model", "load": "mm_lens.model",
     "patching_sweep": "mm_lens.patching",
+    "patch_map": "mm_lens.maps", "map_agreement": "mm_lens.maps",
     "RegionMap": "mm_lens.regions",
     "flow_samples": "mm_lens.sweep", "greedy_answer": "mm_lens.sweep", "layer_sweep": "mm_lens.sweep",
     "layer_window": "mm_lens.sweep",

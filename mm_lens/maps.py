@@ -42,9 +42,10 @@ from mm_lens.errors import MMLensError
 from mm_lens.heads import strongest_window
 from mm_lens.inputs import MultimodalInput
 from mm_lens.knockout import Edge, edge_positions
+from mm_lens.names import MAP_METHODS as METHODS
 from mm_lens.patches import patch_sets as exact_patch_sets
 from mm_lens.protocol import vocab_softmax
-from mm_lens.sweep import greedy_answer
+from mm_lens.sweep import Greedy, greedy_answer
 from mm_lens.types import Box
 
 if TYPE_CHECKING:
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 
     from mm_lens.model import HookedLlava
 
-METHODS = ("knockout", "attention", "gradient")
 MAP_COLUMNS = (
     "method", "target", "window_start", "window_stop", "step", "token_id", "group", "tile", "row", "col", "rows",
     "cols", "n_patches", "x0", "y0", "x1", "y1", "value",
@@ -255,11 +255,13 @@ def patch_map(
     image: Image | None = None,
     steps: int | str = 1,
     engine: str | Engine = DEFAULT_ENGINE,
+    greedy: Greedy | None = None,
 ) -> pd.DataFrame:
     """One row per (method, window, answer step, patch group): where the group sits, its pixel box, its value.
 
     `layers` None: the strongest window of the ``Image -> target`` sweep (as `mm_lens.heads.head_sweep`); a range
-    or a list of ranges (one map each). `steps`: how many greedy answer tokens get a map (``"all"``: every one).
+    or a list of ranges (one map each). `steps`: how many greedy answer tokens get a map (``"all"``: every one);
+    `greedy`: the input's greedy answer when the caller has decoded it already.
     """
     methods = [method] if isinstance(method, str) else list(method)
     unknown = [m for m in methods if m not in METHODS]
@@ -269,7 +271,7 @@ def patch_map(
     groups = patch_groups(model, inp, group, boxes, image)
     if not groups:
         raise MMLensError("the input has no image patches to map")
-    greedy = greedy_answer(model, inp)
+    greedy = greedy or greedy_answer(model, inp)
     answer = list(greedy.token_ids) or [greedy.first_token]
     n_steps = len(answer) if steps == "all" else int(steps)
     if n_steps < 1:

@@ -57,7 +57,7 @@ from mm_lens.run_dir import (
     run_config,
 )
 from mm_lens.shards import local_device, merge_if_complete, merge_runs, shard_from_env
-from mm_lens.sweep import _spans, flow_sample, get_engine, greedy_answer, layer_window, require_correct
+from mm_lens.sweep import flow_sample, get_engine, greedy_answer, layer_window, require_correct, sample_spans
 from mm_lens.types import Sample, SampleSkip, boxes_for, check_sample
 
 #: The analyses a run can be (`mm_lens.analyses.ANALYSES`).
@@ -531,7 +531,7 @@ def maps_sample(
     """
     try:
         image = load_image(sample)
-        inp = prepare(model, image, sample.question, spans=_spans(sample, [Edge("Image", target)]),
+        inp = prepare(model, image, sample.question, spans=sample_spans(sample, [Edge("Image", target)]),
                       protocol=protocol)
         boxes = None
         if group == MAP_BOX_GROUP:
@@ -542,11 +542,11 @@ def maps_sample(
     except SampleSkip as skip:
         skip.question_id = skip.question_id or str(sample.question_id)
         raise
+    greedy = greedy_answer(model, inp, cached=not getattr(get_engine(engine), "plain", False))
     if inp.protocol.lens_correct_only and not all_samples:
-        greedy = greedy_answer(model, inp, cached=not getattr(get_engine(engine), "plain", False))
         require_correct(greedy, inp, sample)
     table = patch_map(model, inp, target, layers=layers, group=group, method=list(methods), boxes=boxes,
-                      image=image, engine=engine)
+                      image=image, engine=engine, greedy=greedy)
     table.insert(0, "question_id", str(sample.question_id))
     return table[["question_id", *MAP_COLUMNS]]
 

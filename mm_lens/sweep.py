@@ -209,7 +209,7 @@ class FlowResult:
         return self.n_samples - len(self.skips)
 
 
-def _spans(sample, blocks: Sequence[Edge]) -> dict[str, str]:
+def sample_spans(sample, blocks: Sequence[Edge]) -> dict[str, str]:
     """Text spans a block set names (options, the central object), from the sample's columns."""
     names = {n for b in blocks for n in (b.source, b.target)}
     if "Question without Options" in names:
@@ -249,7 +249,7 @@ def flow_sample(
 
     try:
         image = load_image(sample)
-        inp = prepare(model, image, sample.question, spans=_spans(sample, blocks), protocol=protocol)
+        inp = prepare(model, image, sample.question, spans=sample_spans(sample, blocks), protocol=protocol)
         if any(_needs_boxes(b) for b in blocks):
             try:
                 check_sample(sample, need_boxes=True)

@@ -41,3 +41,12 @@ def test_gpu_benchmark_smoke_run_on_a_cpu():
     assert result["fast"]["samples_per_s"] > 0 and result["reference"]["study_hours"] > 0
     assert set(result["fast_split_s"]) == {"clean pass", "->Question", "->Last"}
     assert "projected whole study (5525 questions" in proc.stdout
+
+
+def test_maps_benchmark_smoke_run():
+    """The patch-map benchmark on a tiny shape: both engines run, the ratio and their agreement are printed."""
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_maps.py"), "--tiny", "--threads", "1"],
+                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"^ratio: [\d.]+x", proc.stdout, re.M), proc.stdout
+    assert float(re.search(r"max relative probability difference: (\S+)", proc.stdout).group(1)) < 1e-5
