@@ -40,7 +40,7 @@ from mm_lens.expectations import wrong_answer_warning
 from mm_lens.inputs import prepare
 from mm_lens.knockout import STUDY_BLOCKS, Edge, parse_edge
 from mm_lens.lens import lens_sample
-from mm_lens.maps import MAP_COLUMNS, METHODS, patch_groups, patch_map
+from mm_lens.maps import MAP_COLUMNS, METHODS, map_agreement, patch_groups, patch_map
 from mm_lens.model import check_checkpoint, load, offline_if_local, protocol_for_checkpoint, resolve_protocol
 from mm_lens.names import MAP_BOX_GROUP
 from mm_lens.patching import PAIR_MODES, SITES, counterfactual_pairs, patching_sample
@@ -606,7 +606,24 @@ def maps_run(
     def check_model(model_, resolved):
         check_windows(model_.n_layers)
 
-    return run_analysis("maps", RunSpec(out, model, dataset, images, make_process, record, check_model, run=run))
+    summary = run_analysis("maps", RunSpec(out, model, dataset, images, make_process, record, check_model, run=run))
+    for finished in (summary, summary.merged):  # how far the cheap maps agree with the knockout map, per sample
+        if finished is not None and (finished.path / "maps.csv").exists():
+            written = write_map_agreement(finished.path)
+            if written is not None:
+                finished.written.append(written)
+    return summary
+
+
+def write_map_agreement(folder: Path, k: int = 10) -> Path | None:
+    """``maps_agreement.csv`` beside a run's ``maps.csv``: per sample, window and answer step, the Spearman
+    correlation of the attention and gradient maps with the knockout map, and their top-k overlap."""
+    table = pd.read_csv(folder / "maps.csv", dtype={"question_id": str})
+    if table.empty:
+        return None
+    path = folder / "maps_agreement.csv"
+    map_agreement(table, k=k).to_csv(path, index=False)
+    return path
 
 
 __all__ = [

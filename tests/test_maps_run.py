@@ -59,6 +59,8 @@ def test_cli_writes_one_map_per_method_per_sample(tiny_llava_path, make_image, t
     assert (out / "maps.html").is_file()
     agreement = map_agreement(table)
     assert set(agreement["question_id"]) == {"q0", "q1", "q2"} and set(agreement["method"]) == {"attention", "gradient"}
+    written = pd.read_csv(out / "maps_agreement.csv", dtype={"question_id": str})  # the run writes it beside maps.csv
+    assert len(written) == len(agreement) and set(written["question_id"]) == {"q0", "q1", "q2"}
 
 
 def test_box_groups_from_the_csv_box_columns(tiny_llava_path, make_image, tmp_path, capsys):
