@@ -165,7 +165,10 @@ MAPS = Analysis(
         "knockout, the relative change (%) of the answer token's probability when the group may not be attended "
         "to by the target positions over the window of layers (a drop: the answer needs it); attention, the mass "
         "the target positions put on the group; gradient, a first-order estimate (x100) of the knockout's effect "
-        "on the answer's log-probability. First knockout map of {n}."
+        "on the answer's log-probability. Top: the mean knockout map over {n} (first answer token; red: the "
+        "answer's probability drops without the group), one panel per tile; bottom: how far the cheap maps can "
+        "be trusted, the Spearman correlation of each sample's attention and gradient map with its knockout map "
+        "and the overlap of their top-k groups (`mm_lens.maps.map_agreement`; box: quartiles, dashed: mean)."
     ),
     figure=_plot("maps_figure", "mm_lens.map_plots"),
     curves=_plot("maps_curves", "mm_lens.map_plots"),
