@@ -16,6 +16,10 @@ The page's header says what produced the tables, from each run's configuration (
 mm-lens, torch, transformers and transformer_lens (``"not recorded"`` where a configuration lacks them);
 `provenance` returns the same as data.
 
+A ``maps.csv`` (`mm_lens.runs.maps_run`) gets a "Patch maps over the image" section (key ``maps``): the mean
+knockout map and the agreement of the cheap maps with it, its caption giving each method's mean Spearman and top-k
+overlap (`maps_agreement_summary`, from `mm_lens.maps.map_agreement`).
+
 `export_figures` (``mm-lens report DIR --format svg|pdf|png``) writes each report figure as one publication
 figure file; it needs the optional ``kaleido`` package (``pip install 'mm-lens[export]'``) and a Chrome or
 Chromium that kaleido can start.
@@ -147,6 +151,37 @@ def _pooled(tasks: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def maps_agreement_summary(df: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+    """Per cheap map method of a maps table: how many maps, their mean Spearman correlation with the knockout map
+    and mean top-k overlap (`mm_lens.maps.map_agreement`); empty when the table cannot be compared."""
+    from mm_lens.maps import MAP_COLUMNS, map_agreement
+
+    columns = ["method", "n", "spearman", "top_k", "top_k_overlap"]
+    if any(c not in df.columns for c in MAP_COLUMNS):
+        return pd.DataFrame(columns=columns)
+    agreement = map_agreement(df, k=k)
+    if agreement.empty:
+        return pd.DataFrame(columns=columns)
+    out = agreement.groupby("method", sort=False).agg(
+        n=("spearman", "size"), spearman=("spearman", "mean"), top_k=("top_k", "max"),
+        top_k_overlap=("top_k_overlap", "mean"),
+    )
+    return out.reset_index()[columns]
+
+
+def _maps_note(df: pd.DataFrame) -> str:
+    """The report's sentence on how far the cheap maps agree with the knockout map."""
+    summary = maps_agreement_summary(df)
+    if summary.empty:
+        return " No agreement with knockout: the table lacks a knockout map or a cheap one to compare."
+    parts = [
+        f"{r.method} mean Spearman {r.spearman:.2f}, mean top-{int(r.top_k)} overlap {r.top_k_overlap:.2f} "
+        f"({int(r.n)} map{'s' if r.n != 1 else ''})"
+        for r in summary.itertuples()
+    ]
+    return " Agreement with the knockout map: " + "; ".join(parts) + "."
+
+
 def report_figures(results_dir: str | PathLike, level: float = 0.95) -> list[ReportFigure]:
     """The report's figures for a results folder, in page order (keys as in the module docstring)."""
     results = load_results(results_dir)
@@ -166,7 +201,8 @@ def _figures(results: Results, level: float) -> list[ReportFigure]:
         if main is not None:
             title = f"{heading}: all tasks" if main_note else heading
             fig = analysis.draw(main, level=level, title=title)
-            out.append(ReportFigure(kind, title, caption.format(n=_n(main), level=level) + main_note, fig))
+            note = main_note + (_maps_note(main) if kind == "maps" else "")
+            out.append(ReportFigure(kind, title, caption.format(n=_n(main), level=level) + note, fig))
         if analysis.tasks_figure is not None and len(tasks) > 1:
             title = f"{heading} per task"
             n_all = sum(df["question_id"].nunique() for df in tasks.values() if "question_id" in df.columns)
@@ -176,7 +212,8 @@ def _figures(results: Results, level: float) -> list[ReportFigure]:
         for task, df in tasks.items():
             title = f"{heading}: {task}"
             fig = analysis.draw(df, level=level, title=title)
-            out.append(ReportFigure(f"{kind}/{task}", title, caption.format(n=_n(df), level=level), fig))
+            note = _maps_note(df) if kind == "maps" else ""
+            out.append(ReportFigure(f"{kind}/{task}", title, caption.format(n=_n(df), level=level) + note, fig))
     return out
 
 
@@ -537,6 +574,6 @@ def export_figures(
 
 __all__ = [
     "EXPORT_FORMATS", "NOT_RECORDED", "PROVENANCE_FIELDS", "RESULT_FILES", "ReportFigure", "Results", "build_report",
-    "export_figures", "figure_file_name", "load_results", "provenance", "publication_figure", "render_html",
-    "report_figures",
+    "export_figures", "figure_file_name", "load_results", "maps_agreement_summary", "provenance", "publication_figure",
+    "render_html", "report_figures",
 ]
