@@ -34,9 +34,9 @@ PIXEL_COLUMNS = ("x0", "y0", "x1", "y1")
 AGREEMENT_FIGURE_COLUMNS = ("method", "spearman", "top_k_overlap")
 #: How each method is coloured and labelled.
 METHOD_STYLES: dict[str, dict[str, Any]] = {
-    "knockout": dict(colorscale="RdBu", diverging=True, label="change in p (%)"),
-    "attention": dict(colorscale="Blues", diverging=False, label="attention mass"),
-    "gradient": dict(colorscale="RdBu", diverging=True, label="estimated change (%)"),
+    "knockout": dict(colorscale="RdBu", diverging=True, label="change in p (%)", short="Δp (%)"),
+    "attention": dict(colorscale="Blues", diverging=False, label="attention mass", short="mass"),
+    "gradient": dict(colorscale="RdBu", diverging=True, label="estimated change (%)", short="est. Δp (%)"),
 }
 METHOD_COLORS = {m: PALETTE[i] for i, m in enumerate(MAP_METHODS)}
 IMAGE_OPACITY = 0.6
@@ -48,7 +48,7 @@ def _methods(df: pd.DataFrame) -> list[str]:
 
 
 def _style(method: str) -> dict[str, Any]:
-    return METHOD_STYLES.get(method, dict(colorscale="Viridis", diverging=False, label="value"))
+    return METHOD_STYLES.get(method, dict(colorscale="Viridis", diverging=False, label="value", short="value"))
 
 
 def _range(method: str, values: np.ndarray) -> tuple[float, float]:
@@ -210,12 +210,11 @@ def map_figure(table: pd.DataFrame, image: Any = None, question_id: Any = None, 
         cells = df[(df["method"] == method) & (df["tile"] == tile) & (df["window_start"] == window[0])
                    & (df["window_stop"] == window[1])]
         style = _style(method)
-        name = f"{method} ({style['label']})"
         lo, hi = ranges[method]
         kw: dict[str, Any] = dict(
             zmin=lo, zmax=hi, colorscale=style["colorscale"], hoverongaps=False, name=f"{method}, tile {tile}",
             hovertemplate=f"%{{text}}<br>layers {_window_label(window)}<extra>{method}</extra>",
-            showscale=tile == tiles[0], colorbar=dict(title=name.replace(" (", "<br>(")),
+            showscale=tile == tiles[0], colorbar=dict(title=f"{method}<br>{style['short']}"),
         )
         if visible is not None:
             kw["visible"] = visible
@@ -254,24 +253,25 @@ def map_figure(table: pd.DataFrame, image: Any = None, question_id: Any = None, 
     fig.update_layout(
         title=f"{title}: {label}" if label else title,
         template="plotly_white",
-        updatemenus=[dict(type="dropdown", buttons=buttons, active=0, x=0, xanchor="left", y=1.18, yanchor="top",
+        updatemenus=[dict(type="dropdown", buttons=buttons, active=0, x=1, xanchor="right", y=1.1, yanchor="bottom",
                           showactive=True)],
         sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="layers "), pad=dict(t=30))],
-        margin=dict(t=110),
+        margin=dict(t=130),
         height=470,
     )
     for j, t in enumerate(tiles):
         ax = dict(row=1, col=j + 1)
         if image is not None:
             fig.update_xaxes(range=[-0.5, width - 0.5], visible=False, constrain="domain", **ax)
-            fig.update_yaxes(range=[height - 0.5, -0.5], visible=False, scaleanchor=f"x{j + 1 if j else ''}", **ax)
+            fig.update_yaxes(range=[height - 0.5, -0.5], visible=False, scaleanchor=f"x{j + 1 if j else ''}",
+                             constrain="domain", **ax)
         else:
             n_rows, n_cols = shapes[t]
             fig.update_xaxes(range=[-0.5, n_cols - 0.5], title="patch column", showgrid=False, dtick=_dtick(n_cols),
                              constrain="domain", **ax)
             fig.update_yaxes(range=[n_rows - 0.5, -0.5], title="patch row" if j == 0 else None, showgrid=False,
                              dtick=_dtick(n_rows),
-                             scaleanchor=f"x{j + 1 if j else ''}", **ax)
+                             scaleanchor=f"x{j + 1 if j else ''}", constrain="domain", **ax)
     return fig
 
 
@@ -419,7 +419,7 @@ def maps_figure(df: pd.DataFrame, title: str = "Patch maps over the image") -> g
             z=z, text=text, x=np.arange(z.shape[1]), y=np.arange(z.shape[0]), zmin=lo, zmax=hi,
             colorscale=style["colorscale"], hoverongaps=False, name=f"mean {method}, tile {t}",
             hovertemplate="%{text}<extra></extra>", showscale=j == 0,
-            colorbar=dict(title=f"mean {method}<br>({style['label']})", len=0.55 if agreement is not None else 1,
+            colorbar=dict(title=f"mean {method}<br>{style['short']}", len=0.55 if agreement is not None else 1,
                           y=1, yanchor="top"),
         ), row=1, col=j + 1)
         n_rows, n_c = z.shape
