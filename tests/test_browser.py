@@ -269,3 +269,37 @@ def test_screenshot_figures_tell_blocks_and_lens_forms_apart(chromium, tmp_path)
     assert purple.sum() > 2400, int(purple.sum())
     dom = run_chromium(chromium, page, tmp_path / "profile-dom", "--dump-dom")
     assert "<th>transformer_lens</th><td>4.3.0</td>" in dom and "<th>window</th><td>3</td>" in dom
+
+
+def test_maps_report_and_map_figure_draw_without_js_errors(chromium, tmp_path):
+    """A run folder with only ``maps.csv`` gets its patch-maps section drawn; one sample's map over the image
+    (slider over windows, menu over methods, a subplot per tile) draws too, and its slider and menu are there."""
+    from mm_lens import map_plots
+    from test_map_plots import synthetic
+
+    results = tmp_path / "results"
+    results.mkdir()
+    table = pd.concat([synthetic(tiles=(0, 1), questions=(q,), seed=i) for i, q in enumerate("abc")])
+    table.to_csv(results / "maps.csv", index=False)
+    page = build_report(results)
+    assert [f.key for f in report_figures(results)] == ["maps"]
+    found = summarise(run_chromium(chromium, page, tmp_path / "p1", "--dump-dom"))
+    assert found.html_attrs.get("data-js-errors") == "", found.html_attrs.get("data-js-errors")
+    assert found.html_attrs.get("data-figures-drawn") == "1" and found.plots[0]["traces"] >= 2
+
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[8:24, 8:24] = (220, 40, 40)
+    figures = [
+        ReportFigure("map", "Map", "One sample over the image.",
+                     map_plots.map_figure(table, image=Image.fromarray(pixels), question_id="b")),
+        ReportFigure("side", "Side by side", "Three methods.", map_plots.maps_side_by_side(table)),
+    ]
+    html = tmp_path / "maps.html"
+    html.write_text(render_html(figures, title="Maps"))
+    dom = run_chromium(chromium, html, tmp_path / "p2", "--dump-dom")
+    found = summarise(dom)
+    assert found.html_attrs.get("data-js-errors") == "", found.html_attrs.get("data-js-errors")
+    assert found.html_attrs.get("data-figures-drawn") == "2"
+    assert all(p["traces"] >= 2 for p in found.plots), found.plots
+    assert 'class="slider-container"' in dom or "slider-group" in dom  # the window slider drew
+    assert "updatemenu-button" in dom or "updatemenu-header" in dom  # the method menu drew
