@@ -13,8 +13,11 @@ from unittest import mock
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-NAMES = ("01_quickstart.ipynb", "02_reproduce_study.ipynb", "03_custom_experiments.ipynb", "04_circuits.ipynb")
-CELL_TIMEOUT = 600  # seconds per cell; the four notebooks take about two minutes in all on 2 CPU cores
+NAMES = (
+    "01_quickstart.ipynb", "02_reproduce_study.ipynb", "03_custom_experiments.ipynb", "04_circuits.ipynb",
+    "05_patch_maps.ipynb",
+)
+CELL_TIMEOUT = 600  # seconds per cell; the five notebooks take about two minutes in all on 2 CPU cores
 PLOTLY = "application/vnd.plotly.v1+json"
 
 
@@ -163,3 +166,19 @@ def test_circuits_runs(toy_model):
     assert len(per_region["data"]) == 4 and all(t["type"] == "scatter" for t in per_region["data"])
     assert [t["type"] for t in per_position["data"]] == ["heatmap"]
     assert lens.get("frames") and lens["data"][-1]["type"] == "heatmap"  # a slider over the layers
+
+
+def test_patch_maps_runs(toy_model):
+    book = execute("05_patch_maps.ipynb")
+    assert not list(outputs(book, "error"))
+    text = text_of(book)
+    assert "the model answers" in text and "spearman" in text and "circle" in text
+    figures = plotly_figures(book)
+    assert len(figures) == 4  # one map over the image, side by side, agreement, the group=2 map
+    first, side, agreement, by_two = figures
+    assert len(first["layout"]["sliders"][0]["steps"]) == 2  # the two windows
+    assert [b["label"] for b in first["layout"]["updatemenus"][0]["buttons"]] == ["knockout", "attention", "gradient"]
+    assert first["data"][0]["type"] == "image" and first["frames"]
+    assert sum(t["type"] == "heatmap" for t in side["data"]) == 3
+    assert {t["type"] for t in agreement["data"]} == {"box"}
+    assert any(t["type"] == "heatmap" for t in by_two["data"])
