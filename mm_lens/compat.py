@@ -7,7 +7,10 @@ need it, applies itself only where the bug is present, and has a test that shows
 them.
 
 Global state: `install_kv_cache_fix` replaces one method of TransformerLens's ``AttentionBridge`` class for the
-process (idempotently; `kv_cache_fix_installed` tells whether it is in place). Nothing else here outlives a call.
+process (idempotently; `kv_cache_fix_installed` tells whether it is in place); `register_tl_adapter` adds an
+architecture to TransformerLens's three adapter tables for the process (a family TL ships no adapter for, served by
+the adapter of one with the same module layout), and `without_required_libraries` lets an adapter boot without a
+library its language-model path does not use, for the duration of a boot. Nothing else here outlives a call.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import importlib.util
 import inspect
 from collections.abc import Iterator
 from typing import Any
+
+from mm_lens.errors import MMLensError
 
 _FIX_MARK = "_mm_lens_cache_kwarg_fix"
 
@@ -93,10 +98,62 @@ def no_torchvision_install() -> Iterator[None]:
         helpers._ensure_torchvision = saved
 
 
-def boot_bridge(name: str, **kwargs: Any) -> Any:
-    """``TransformerBridge.boot_transformers(name, **kwargs)`` with this module's fixes in place."""
+def register_tl_adapter(architecture: str, like: str) -> None:
+    """Let TransformerLens boot `architecture` with the adapter it ships for `like` (TL 4.3 has none for it).
+
+    TL looks an architecture up in three tables, and all three must know it: the factory's registry
+    (``ArchitectureAdapterFactory.register_adapter``), ``SUPPORTED_ARCHITECTURES`` (which the boot checks first) and
+    ``utilities.architectures.MULTIMODAL_ARCHITECTURES`` (without it the boot loads a causal LM, not the
+    ``*ForConditionalGeneration`` model). Idempotent; a no-op where TL already knows `architecture`.
+    """
+    from transformer_lens.factories import architecture_adapter_factory as factory
+    from transformer_lens.utilities import architectures
+
+    adapter = factory.SUPPORTED_ARCHITECTURES.get(like) or factory.ArchitectureAdapterFactory._adapters.get(like)
+    if adapter is None:
+        raise MMLensError(f"TransformerLens has no adapter for {like!r} to serve {architecture!r}")
+    if architecture not in factory.SUPPORTED_ARCHITECTURES:
+        factory.SUPPORTED_ARCHITECTURES[architecture] = adapter
+    if architecture not in factory.ArchitectureAdapterFactory._adapters:
+        factory.ArchitectureAdapterFactory.register_adapter(architecture, adapter)
+    if like in architectures.MULTIMODAL_ARCHITECTURES:
+        architectures.MULTIMODAL_ARCHITECTURES.add(architecture)
+
+
+@contextlib.contextmanager
+def without_required_libraries(architecture: str, libraries: tuple[str, ...]) -> Iterator[None]:
+    """Boot `architecture`'s TL adapter without `libraries` it declares but the language-model path never imports.
+
+    TL 4.3's Qwen2.5-VL, Qwen3-VL and GLM-4V adapters declare ``required_libraries = ["torchvision"]`` and raise
+    ImportError on a CPU install, though only the video processor uses torchvision. Within this context the adapter
+    class lists the libraries minus `libraries`; the class attribute is restored afterwards.
+    """
+    from transformer_lens.factories import architecture_adapter_factory as factory
+
+    adapter = factory.ArchitectureAdapterFactory._adapters.get(architecture) or factory.SUPPORTED_ARCHITECTURES.get(
+        architecture)
+    saved = None if adapter is None else adapter.__dict__.get("required_libraries")
+    if saved is None:
+        yield
+        return
+    adapter.required_libraries = [lib for lib in saved if lib not in libraries]
+    try:
+        yield
+    finally:
+        adapter.required_libraries = saved
+
+
+def boot_bridge(name: str, architecture: str | None = None, unused_libraries: tuple[str, ...] = (),
+                **kwargs: Any) -> Any:
+    """``TransformerBridge.boot_transformers(name, **kwargs)`` with this module's fixes in place.
+
+    `architecture` / `unused_libraries`: the checkpoint's architecture and the libraries its adapter may go without
+    (`without_required_libraries`).
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
     install_kv_cache_fix()
-    with no_torchvision_install():
+    libraries = without_required_libraries(architecture, unused_libraries) if architecture and unused_libraries \
+        else contextlib.nullcontext()
+    with no_torchvision_install(), libraries:
         return TransformerBridge.boot_transformers(name, **kwargs)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mm_lens.errors import MMLensError
+from mm_lens.families import family_of
 from mm_lens.model import study_protocol
 from mm_lens.patches import red_mask_patches, related_and_other
 from mm_lens.protocol import IMAGE_PLACEHOLDER, Conversation, Protocol
@@ -58,6 +59,16 @@ class Encoding:
     prompt: str
     question: list[int]  # positions of the question's tokens
     spans: dict[str, list[int]]  # positions of each named substring of the user text
+    #: Every other processor output the model takes (the family's ``model_inputs``: ``token_type_ids``,
+    #: ``pixel_attention_mask``, ``image_grid_thw``, ...).
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    def outputs(self) -> dict[str, Tensor]:
+        """Every processor tensor of this encoding but the token ids: what a family's image layout reads."""
+        out = {"pixel_values": self.pixel_values, **self.extra}
+        if self.image_sizes is not None:
+            out["image_sizes"] = self.image_sizes
+        return out
 
 
 def user_text(question: str, instruction: str | None) -> str:
@@ -107,19 +118,22 @@ def encode_with_processor(protocol: Protocol, model: HookedLlava, image: Image, 
                 f"{span_name} not in question",
             )
         found_spans[span_name] = tokens_of(start, start + len(span_text))
+    family = family_of(model.model_type)
+    extra = {key: enc[key] for key in family.model_inputs if key not in ("pixel_values", "image_sizes") and key in enc}
     return Encoding(
         input_ids=enc["input_ids"],
         pixel_values=enc["pixel_values"],
-        image_sizes=enc.get("image_sizes"),
+        image_sizes=enc.get("image_sizes") if "image_sizes" in family.model_inputs else None,
         prompt=prompt,
         question=question_pos,
         spans=found_spans,
+        extra=extra,
     )
 
 
 def _question_start(model: HookedLlava, prompt: str, question: str) -> int:
     """Character index of the question in the prompt, after its one image placeholder."""
-    image_token = getattr(model.processor, "image_token", "<image>")
+    image_token = family_of(model.model_type).prompt_image or getattr(model.processor, "image_token", "<image>")
     if prompt.count(image_token) != 1:
         raise MMLensError(f"prompt must hold exactly one {image_token!r}, got {prompt.count(image_token)}: {prompt!r}")
     start = prompt.find(question, prompt.index(image_token))
@@ -342,8 +356,8 @@ def _check_next_layout(model: HookedLlava, size: tuple[int, int]) -> None:
 
 def _n_image_features(model: HookedLlava, image_sizes: Any) -> int:
     """How many image tokens the model packs for one image (``image_sizes``: NeXT's (height, width))."""
-    size = torch.as_tensor(image_sizes)[0] if image_sizes is not None else None
-    return len(image_codes(model, size))
+    outputs = {} if image_sizes is None else {"image_sizes": torch.as_tensor(image_sizes)}
+    return len(image_codes(model, outputs))
 
 
 def study_patch_sets(protocol: Protocol, model: HookedLlava, image: Image, regions: Any,

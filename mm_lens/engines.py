@@ -20,6 +20,10 @@ its target positions at the layers of its window, so
 - the last layer computes the last position only (its keys and values still cover the whole suffix), and logits
   come from the last position only.
 
+Where a family's image features attend to each other both ways (Gemma 3 with ``token_type_ids``), positions before a
+target inside the image see it, so the premise fails there: blocks whose first target lies in such a span
+(`RegionMap.bidirectional`) run as full forwards, exactly as the reference engine runs them.
+
 For Llama-family language models (LLaVA-1.5 and LLaVA-NeXT's Vicuna, Mistral and Llama-3) the suffix runs on the
 bridge's own modules, layer by layer, without the bridge's per-module dispatch: the same norms, projections, rotary
 embeddings and MLPs, the attention written out as the bridge writes it (scores, causal mask, the knockout hook point,
@@ -410,6 +414,7 @@ def fast_engine(
                               "mm_lens.engines.clean_pass; use path='auto'")
         clean_prob = float(vocab_softmax(clean.last_logits, n_vocab)[token])
         groups: dict[int, list[_Row]] = {}
+        exact: list[int] = []  # blocks with a target inside a bidirectional span: no clean prefix to reuse
         for b, block in enumerate(blocks):
             targets, sources = edge_positions(inp.regions, block)
             if not (len(targets) and len(sources)):  # an empty region blocks nothing: the clean probability
@@ -417,6 +422,9 @@ def fast_engine(
                 continue
             hook = KnockoutHook([(targets, sources)], [str(block)], heads=heads, check=False)
             start = min(int(t) for t in targets)
+            if any(lo <= start < hi for lo, hi in inp.regions.bidirectional):
+                exact.append(b)
+                continue
             for w, layers in enumerate(windows):
                 if not len(layers):
                     out[b, w] = clean_prob
@@ -439,6 +447,8 @@ def fast_engine(
             probs = vocab_softmax(logits, n_vocab)[:, token].cpu()
             for row, p in zip(rows, probs.tolist(), strict=True):
                 out[row.block, row.window] = p
+    if exact:  # positions before such a target see it (and what it changes) both ways: run the full forward
+        out[exact] = reference_engine(model, inp, [blocks[b] for b in exact], windows, token, heads=heads)
     return out
 
 

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,15 +22,20 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mm_lens.encoders import DEFAULT_INSTRUCTION, Encoding, encode, patch_sets, user_text
+from mm_lens.families import family_of
 from mm_lens.model import resolve_protocol
 from mm_lens.protocol import Protocol
-from mm_lens.regions import RegionMap, image_tokens
+from mm_lens.regions import RegionMap, image_tokens, marker_positions
 from mm_lens.types import SampleSkip
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
     from mm_lens.model import HookedLlava
+
+#: Processor outputs with one entry per token: extended with text entries (0) when an answer is appended.
+_PER_TOKEN = ("token_type_ids", "mm_token_type_ids")
+
 
 @dataclass
 class MultimodalInput:
@@ -45,6 +50,8 @@ class MultimodalInput:
     regions: RegionMap
     protocol: Protocol  # the resolved protocol that built this input
     image_size: tuple[int, int] | None = None  # the original image's (width, height), for pixel boxes of patches
+    #: Every other processor output the model takes (``token_type_ids``, ``pixel_attention_mask``, ...).
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
     def vocab_size(self, model: HookedLlava) -> int | None:
         """Vocabulary rows the protocol's softmax runs over (None: all)."""
@@ -55,6 +62,7 @@ class MultimodalInput:
         kwargs = {"attention_mask": self.attention_mask, "pixel_values": self.pixel_values}
         if self.image_sizes is not None:
             kwargs["image_sizes"] = self.image_sizes
+        kwargs.update(self.extra)
         return kwargs
 
     def forward_args(self, extra: list[int] | None = None) -> tuple[Int[Tensor, "1 pos"], dict[str, Tensor]]:
@@ -67,6 +75,9 @@ class MultimodalInput:
             return self.input_ids, kwargs
         tail = torch.tensor([list(extra)], dtype=self.input_ids.dtype, device=self.input_ids.device)
         kwargs["attention_mask"] = torch.cat([self.attention_mask, torch.ones_like(tail)], dim=1)
+        for key in _PER_TOKEN:  # per-token inputs cover the appended text too (text type 0)
+            if key in kwargs and kwargs[key].shape[-1] == self.input_ids.shape[1]:
+                kwargs[key] = torch.cat([kwargs[key], torch.zeros_like(tail, dtype=kwargs[key].dtype)], dim=-1)
         return torch.cat([self.input_ids, tail], dim=1), kwargs
 
 
@@ -105,13 +116,21 @@ def prepare(
 def region_map(model: HookedLlava, encoding: Encoding) -> RegionMap:
     """The complete region map of an encoded input: its image tokens and the protocol's text positions."""
     seq_len = int(encoding.input_ids.shape[1])
+    family = family_of(model.model_type)
+    tokens = image_tokens(model, encoding.input_ids, encoding.outputs())
+    positions = [t.position for t in tokens]
+    bidirectional = [(min(positions), max(positions) + 1)] if family.bidirectional_image and positions else []
+    tile = getattr(model.config.vision_config, "image_size", 0)
     return RegionMap(
         seq_len=seq_len,
-        image_tokens=image_tokens(model, encoding.input_ids, encoding.image_sizes),
+        image_tokens=tokens,
         question=list(encoding.question),
         last=seq_len - 1,
         spans=dict(encoding.spans),
-        tile_size=int(model.config.vision_config.image_size),
+        tile_size=int(tile[0] if isinstance(tile, (list, tuple)) else tile or 0),
+        markers=marker_positions(model, encoding.input_ids, positions),
+        base_tile=family.base_tile(tokens),
+        bidirectional=bidirectional,
     )
 
 
@@ -122,6 +141,10 @@ def _model_input(
     device = model.device
     vision_dtype = next(model.hf_model.parameters()).dtype
     image_sizes = encoding.image_sizes
+    extra = {
+        key: value.to(device=device, dtype=vision_dtype if value.is_floating_point() else value.dtype)
+        for key, value in encoding.extra.items()
+    }
     return MultimodalInput(
         input_ids=encoding.input_ids.to(device),
         attention_mask=torch.ones_like(encoding.input_ids).to(device),
@@ -131,6 +154,7 @@ def _model_input(
         question=question,
         regions=regions,
         protocol=proto,
+        extra=extra,
     )
 
 

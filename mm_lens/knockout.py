@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -319,3 +319,51 @@ def block_hooks(
     blocks = [block] if isinstance(block, (str, Edge)) else list(block)
     edges = [edge_positions(regions, b) for b in blocks]
     return knockout_hooks(edges, layers, names=[str(b) for b in blocks], heads=heads)
+
+
+# ------------------------------------------------------------------------------------------ is the knockout live?
+
+
+def check_live(model: Any) -> float:
+    """Prove on a loaded model that a knockout cuts what it names; returns the attention weight it removed.
+
+    One short text-only forward with a knockout of the last position's attention to positions 1.. at the first
+    and the last layer: the pattern (``hook_pattern``) at the blocked pairs must drop from a positive weight to 0.
+    Where the score hook is not what the attention uses (an adapter that keeps HF's native attention and discards
+    edits of ``hook_attn_scores``), the pattern does not change and mm-lens refuses the model: a knockout that
+    silently changes nothing would give plausible, wrong science.
+    """
+    bridge = model.bridge
+    ids = list(model.tokenizer("one two three four five six seven", add_special_tokens=True).input_ids)[:8]
+    if len(ids) < 4:
+        return 0.0
+    target = len(ids) - 1
+    layers = sorted({0, int(bridge.cfg.n_layers) - 1})
+    hook = KnockoutHook([([target], range(1, target))], ["live check"])
+    seen: dict[tuple[str, int], Tensor] = {}
+
+    def grab(kind: str, layer: int):
+        def fn(pattern: Tensor, hook=None) -> Tensor:
+            seen[(kind, layer)] = pattern[0, :, target, 1:target].detach().float().clone()
+            return pattern
+
+        return fn
+
+    input_ids = torch.tensor([ids], device=model.device)
+    with torch.inference_mode():
+        for kind in ("clean", "knocked"):
+            hooks = [(hook_points.attn_pattern(layer), grab(kind, layer)) for layer in layers]
+            if kind == "knocked":
+                hooks = [(hook_name(layer), hook) for layer in layers] + hooks
+            bridge.run_with_hooks(input_ids, fwd_hooks=hooks)
+    removed = min(float(seen[("clean", layer)].sum(-1).min()) for layer in layers)
+    left = max(float(seen[("knocked", layer)].abs().max()) for layer in layers)
+    if not (removed > 1e-6 and left <= 1e-6):
+        raise MMLensError(
+            f"knockout is not live on {model.name!r} ({model.model_type}): blocking the last position's attention to "
+            f"earlier positions left weight {left:.3g} where {removed:.3g} was (layers {layers}); the edits of "
+            "blocks.{l}.attn.hook_attn_scores do not reach this model's attention (TransformerLens keeps HF's native "
+            "attention on this adapter). mm-lens refuses to run a knockout that changes nothing; the family needs "
+            "its knockout route (mm_lens.families)"
+        )
+    return removed

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from mm_lens.compat import boot_bridge
+from mm_lens.compat import boot_bridge, register_tl_adapter
 from mm_lens.errors import MMLensError
+from mm_lens.families import SUPPORTED_MODEL_TYPES, Family, family_of
+from mm_lens.knockout import check_live
 from mm_lens.protocol import CHECKPOINT, LLAVA_LLAMA_3, PROTOCOL_NAMES, STUDY, VICUNA_V1, Conversation, Protocol
-
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -40,7 +40,7 @@ class HookedLlava:
 
     bridge: Any  # transformer_lens.model_bridge.TransformerBridge
     processor: Any  # transformers.ProcessorMixin: tokenizer + image processor (+ chat template)
-    model_type: str  # "llava" | "llava_next"
+    model_type: str  # "llava" | "llava_next" | ... (`mm_lens.families.SUPPORTED_MODEL_TYPES`)
     name: str  # path or hub id it was loaded from
     #: Self-checks passed on this model (`mm_lens.selfcheck`): kind -> the difference measured.
     self_checks: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
@@ -76,6 +76,11 @@ class HookedLlava:
     def image_token_id(self) -> int | None:
         """The id of the image token in the vocabulary (`image_token_id` of the config)."""
         return image_token_id(self.config)
+
+    @property
+    def family(self) -> Family:
+        """The model's family record (`mm_lens.families`)."""
+        return family_of(self.model_type, self.name)
 
 
 def _is_local_path(name: str) -> bool:
@@ -126,11 +131,7 @@ def check_checkpoint(name: str) -> None:
 
 
 def _check_model_type(model_type: Any, name: str) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise MMLensError(
-            f"model type {model_type!r} of {name!r} is not supported; supported types: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    family_of(model_type, name)
 
 
 @contextlib.contextmanager
@@ -188,14 +189,14 @@ def load(
     dtype: torch.dtype | str | None = None,
     device_map: str | dict | None = None,
 ) -> HookedLlava:
-    """Load a ``llava`` / ``llava_next`` checkpoint as a bridge (eval mode) plus processor.
+    """Load a checkpoint of a supported family (`mm_lens.families`) as a bridge (eval mode) plus processor.
 
     A local directory loads fully offline (no hub probes); ``device_map`` (e.g. ``"auto"``) spreads a
     large model over several GPUs and is exclusive with ``device``. ``dtype`` None is the auto protocol's:
-    float16 for the study's model families on CUDA, float32 otherwise.
+    float16 for the study's model families on CUDA, float32 otherwise. The family's knockout route is installed and
+    proved live (`mm_lens.knockout.check_live`) before the model is returned.
     """
-    from transformers import AutoConfig, AutoProcessor
-
+    from transformers import AutoConfig
 
     name = os.fspath(path_or_hub_id)
     torch_dtype = None if dtype is None else resolve_dtype(dtype)
@@ -215,8 +216,11 @@ def load(
             except Exception as exc:  # hub errors come in many types; report them in one line
                 raise MMLensError(f"cannot load the config of {name!r}: {exc}") from exc
             _check_model_type(model_type, name)
+        family = family_of(model_type, name)
         try:
-            processor = AutoProcessor.from_pretrained(name)
+            processor = family.processor(name)
+        except MMLensError:
+            raise
         except Exception as exc:
             raise MMLensError(f"cannot load the processor of {name!r}: {exc}") from exc
         if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
@@ -231,15 +235,34 @@ def load(
             boot_kwargs["device_map"] = device_map
         elif device is not None:
             boot_kwargs["device"] = device
+        architecture = _architecture(name)
+        for arch, like in (family.tl_like or {}).items():
+            register_tl_adapter(arch, like)
         try:
-            bridge = boot_bridge(name, **boot_kwargs)
+            bridge = boot_bridge(name, architecture=architecture, unused_libraries=family.unused_libraries,
+                                 **boot_kwargs)
         except MMLensError:
             raise
         except Exception as exc:
             raise MMLensError(f"cannot load model {name!r}: {type(exc).__name__}: {exc}") from exc
     bridge.processor = processor
     bridge.eval()
-    return HookedLlava(bridge=bridge, processor=processor, model_type=model_type, name=name)
+    model = HookedLlava(bridge=bridge, processor=processor, model_type=model_type, name=name)
+    if family.route.install is not None:
+        family.route.install(model)
+    model.self_checks["knockout_live"] = check_live(model)
+    return model
+
+
+def _architecture(name: str) -> str | None:
+    """The checkpoint's ``architectures[0]`` (which TL adapter boots it), None when unreadable."""
+    from transformers import AutoConfig
+
+    try:
+        archs = getattr(AutoConfig.from_pretrained(name), "architectures", None) or []
+    except Exception:  # noqa: BLE001 - the boot reports a broken config properly
+        return None
+    return archs[0] if archs else None
 
 
 # ------------------------------------------------------------------------------------------ families and protocols

@@ -69,12 +69,15 @@ class TileGeometry:
         return len(self.rows.lo), len(self.cols.lo)
 
 
-def image_geometry(image_processor, width: int, height: int) -> list[TileGeometry]:
-    """The geometry of every tile the processor makes from a ``width`` x ``height`` image."""
+def image_geometry(image_processor, width: int, height: int, to_tiles=None) -> list[TileGeometry]:
+    """The geometry of every tile the processor makes from a ``width`` x ``height`` image.
+
+    ``to_tiles(outputs)``: the processor's outputs as tiles ``[tile, 3, h, w]`` (the family's ``pixel_tiles``;
+    default: ``pixel_values`` reshaped)."""
     if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
         raise MMLensError(f"image size {width}x{height} is out of range; images must be 1..{MAX_SIDE} px a side")
-    xs = _source_coordinates(image_processor, width, height, axis="x")
-    ys = _source_coordinates(image_processor, width, height, axis="y")
+    xs = _source_coordinates(image_processor, width, height, axis="x", to_tiles=to_tiles)
+    ys = _source_coordinates(image_processor, width, height, axis="y", to_tiles=to_tiles)
     if xs.shape != ys.shape:
         raise MMLensError("the image processor gave different tile layouts for two images of the same size")
     tiles = []
@@ -95,7 +98,7 @@ _NOT_SEPARABLE = (
 )
 
 
-def _source_coordinates(image_processor, width: int, height: int, axis: str) -> np.ndarray:
+def _source_coordinates(image_processor, width: int, height: int, axis: str, to_tiles=None) -> np.ndarray:
     """Run a coordinate-spelling image through the processor; returns [tile, h, w] source coords, -1 = padding."""
     from PIL import Image
     from transformers.image_utils import PILImageResampling
@@ -120,9 +123,12 @@ def _source_coordinates(image_processor, width: int, height: int, axis: str) -> 
             f"the image processor {type(image_processor).__name__} rejected the box-mapping pass ({err}); "
             "related patches need a processor that accepts do_normalize/do_rescale/resample"
         ) from err
-    pv = out["pixel_values"]
-    pv = torch.as_tensor(pv) if not isinstance(pv, torch.Tensor) else pv
-    pv = pv.reshape(-1, *pv.shape[-3:])  # [tile, 3, h, w] for LLaVA [1,3,h,w] and NeXT [1,tiles,3,h,w]
+    if to_tiles is not None:
+        pv = to_tiles(out)
+    else:
+        pv = out["pixel_values"]
+        pv = torch.as_tensor(pv) if not isinstance(pv, torch.Tensor) else pv
+        pv = pv.reshape(-1, *pv.shape[-3:])  # [tile, 3, h, w] for LLaVA [1,3,h,w] and NeXT [1,tiles,3,h,w]
     v = pv.to(torch.float64).round().to(torch.int64).numpy()
     if v.min() < 0 or v.max() > 255:
         raise MMLensError(
@@ -349,9 +355,9 @@ _GEOMETRY_CACHE: dict[int, dict[tuple[int, int], list[TileGeometry]]] = {}
 _CACHE_SIZES = 256  # image sizes remembered per processor (GQA images come in a few dozen sizes)
 
 
-def cached_geometry(image_processor, width: int, height: int) -> list[TileGeometry]:
+def cached_geometry(image_processor, width: int, height: int, to_tiles=None) -> list[TileGeometry]:
     """`image_geometry`, remembered per processor object and image size (a processor's settings are
-    assumed fixed once loaded)."""
+    assumed fixed once loaded, and so is its family's ``to_tiles``)."""
     key = id(image_processor)
     per_proc = _GEOMETRY_CACHE.get(key)
     if per_proc is None:
@@ -359,11 +365,11 @@ def cached_geometry(image_processor, width: int, height: int) -> list[TileGeomet
         try:
             weakref.finalize(image_processor, _GEOMETRY_CACHE.pop, key, None)
         except TypeError:  # not weak-referenceable: compute every time rather than risk a stale id
-            return image_geometry(image_processor, width, height)
+            return image_geometry(image_processor, width, height, to_tiles)
         _GEOMETRY_CACHE[key] = per_proc
     geometry = per_proc.get((width, height))
     if geometry is None:
-        geometry = image_geometry(image_processor, width, height)
+        geometry = image_geometry(image_processor, width, height, to_tiles)
         if len(per_proc) >= _CACHE_SIZES:
             per_proc.pop(next(iter(per_proc)))
         per_proc[(width, height)] = geometry
@@ -414,7 +420,8 @@ def patch_sets(model, image_size: tuple[int, int], regions, boxes: Sequence[Box 
     """Related / other / padding image tokens of ``regions`` for ``boxes`` on an image of ``image_size``
     (width, height) prepared by ``model`` (a `HookedLlava`, a processor, or an image processor)."""
     width, height = (int(v) for v in image_size)
-    geometry = cached_geometry(_image_processor(model), width, height)
+    family = getattr(model, "family", None)
+    geometry = cached_geometry(_image_processor(model), width, height, getattr(family, "pixel_tiles", None))
     return split_patches(geometry, region_tokens(regions), as_boxes(boxes, width, height))
 
 

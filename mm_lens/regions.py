@@ -7,8 +7,11 @@ activations. The names (`REGION_NAMES`; the study's names for the same sets in `
 
 * ``Image``: every image token; ``Question``: the tokens of the question text (not the instruction);
   ``Last``: the final position, where the answer's first token is predicted.
-* ``Base Image`` / ``HD Image`` (LLaVA-NeXT): the image tokens of tile 0, the whole image squashed to the
-  vision tower's size, and those of the high-resolution tiles (row separators included).
+* ``Base Image`` / ``HD Image`` (tiled families): the image tokens of the tile that shows the whole image
+  (LLaVA-NeXT / OneVision's base tile 0, Idefics3's global tile, InternVL's thumbnail) and those of the other tiles
+  (row separators included, as the study counts them). A one-tile family's image is all ``Base Image``.
+* ``Image Markers``: the tokens that mark the image without being features (Gemma 3's ``<start_of_image>``,
+  Idefics3's tile tags, Pixtral's ``[IMG_BREAK]``, Qwen's ``<|vision_start|>``); ``Image`` never includes them.
 * ``Related Image Patches`` / ``Other Image Patches``: the image tokens whose patch does / does not show an
   object's box (and their ``HD`` restrictions); they need the boxes (`mm_lens.inputs.assign_boxes`).
 * Spans: named pieces of the user text located on request (``"True Option"``, ``"Central Object"``, ...);
@@ -17,23 +20,24 @@ activations. The names (`REGION_NAMES`; the study's names for the same sets in `
 A position is an absolute index into the sequence the language model reads, *after* the processor has
 expanded the one ``<image>`` placeholder into one token per image feature. `image_tokens` pairs the positions
 that hold the image token id, in order, with `image_codes`: the tile, row and column of each feature the model
-packs. For LLaVA-NeXT the codes come from the model's own ``pack_image_features`` run on features that spell
-their coordinates, so the order (base tile, any-res grid after unpadding, row separators) agrees with
-transformers by construction. Each pair is an `ImageToken`; a `RegionMap` holds them and the text positions,
+packs, by the model's family (`mm_lens.families`: each family's layout is read off the model's own packing code
+run on coded inputs, e.g. LLaVA-NeXT's ``pack_image_features`` on features that spell their coordinates, so the order
+agrees with transformers by construction). Each pair is an `ImageToken`; a `RegionMap` holds them and the text positions,
 and is the only place that turns names into positions (`RegionMap.positions`). `mm_lens.inputs.prepare` builds
 it for an (image, question).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor
 
 from mm_lens.errors import MMLensError
+from mm_lens.families import FeatureCode, family_of
 
 if TYPE_CHECKING:
     from mm_lens.model import HookedLlava
@@ -42,6 +46,8 @@ IMAGE, QUESTION, LAST = "Image", "Question", "Last"
 RELATED, OTHER = "Related Image Patches", "Other Image Patches"
 TRUE_OPTION, FALSE_OPTION, CENTRAL_OBJECT = "True Option", "False Option", "Central Object"
 QUESTION_WITHOUT_OPTIONS = "Question without Options"
+# The tokens that mark the image without being image features: begin / end markers, tile tags, row breaks.
+IMAGE_MARKERS = "Image Markers"
 # LLaVA-NeXT: the base tile (the whole image squashed), the high-resolution tiles (row separators
 # included, as the study counts them), and the related / other patches within the latter.
 BASE_IMAGE, HD_IMAGE = "Base Image", "HD Image"
@@ -56,7 +62,8 @@ ALIASES = {
     "Image HD Patch Without Central Object Indice": OTHER_HD,
 }
 REGION_NAMES = (
-    IMAGE, QUESTION, LAST, RELATED, OTHER, QUESTION_WITHOUT_OPTIONS, BASE_IMAGE, HD_IMAGE, RELATED_HD, OTHER_HD
+    IMAGE, QUESTION, LAST, RELATED, OTHER, QUESTION_WITHOUT_OPTIONS, BASE_IMAGE, HD_IMAGE, RELATED_HD, OTHER_HD,
+    IMAGE_MARKERS,
 )
 #: Text spans `prepare` locates when their text is given (``spans={...}``); blocks may name them.
 SPAN_NAMES = (TRUE_OPTION, FALSE_OPTION, CENTRAL_OBJECT)
@@ -125,6 +132,10 @@ class RegionMap:
     related: list[int] | None = None
     other: list[int] | None = None
     tile_size: int = 0  # pixels per side of a processed tile
+    markers: list[int] = field(default_factory=list)  # the Image Markers region
+    base_tile: int = 0  # the tile that shows the whole image (Base Image); the others are HD Image
+    #: Spans [start, stop) of positions that attend to each other both ways (Gemma 3's image block).
+    bidirectional: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.image_tokens = tuple(self.image_tokens)
@@ -156,7 +167,9 @@ class RegionMap:
             return [self.last]
         if target in (BASE_IMAGE, HD_IMAGE):
             base = target == BASE_IMAGE
-            return [t.position for t in self.image_tokens if (t.tile == 0) == base]
+            return [t.position for t in self.image_tokens if (t.tile == self.base_tile) == base]
+        if target == IMAGE_MARKERS:
+            return list(self.markers)
         if target in PATCH_REGIONS:
             return self._patch_region(name, target)
         if target == QUESTION_WITHOUT_OPTIONS:
@@ -198,101 +211,46 @@ class RegionMap:
 # ------------------------------------------------------------------------------------------ image tokens
 
 
-def image_tokens(model: HookedLlava, input_ids: Tensor, image_sizes: Tensor | None) -> tuple[ImageToken, ...]:
+def image_tokens(model: HookedLlava, input_ids: Tensor, outputs: Mapping[str, Any] | None = None
+                 ) -> tuple[ImageToken, ...]:
     """Every image token of ``input_ids``, in sequence order: the n-th image position stands for the n-th
-    feature the model packs (`image_codes`). ``image_sizes``: NeXT's original (height, width), else None."""
+    feature of the family's layout (`image_codes`). ``outputs``: the processor's tensors (NeXT's
+    ``image_sizes``, Qwen's ``image_grid_thw``, ...)."""
     ids = input_ids[0]
     positions = (ids == model.image_token_id).nonzero().flatten().tolist()
-    codes = image_codes(model, image_sizes[0] if image_sizes is not None else None)
+    codes = image_codes(model, outputs or {})
     if len(codes) != len(positions):
         raise MMLensError(
             f"{len(positions)} image tokens in the input but the model packs {len(codes)} image features; "
-            "the processor's patch_size / vision_feature_select_strategy disagree with the model config"
+            "the processor's settings (patch size, tiles, feature strategy) disagree with the model config"
         )
-    patch_px = int(model.config.vision_config.patch_size)
-    tokens: list[ImageToken] = []
-    for position, code in zip(positions, codes, strict=True):
-        tokens.append(_image_token(position, code, patch_px, tokens[-1] if tokens else None))
-    return tuple(tokens)
+    return tuple(
+        ImageToken(position, code.tile, code.row, code.col, code.grid_row, code.grid_col, code.box, code.is_newline)
+        for position, code in zip(positions, codes, strict=True)
+    )
 
 
-def _image_token(position: int, code: tuple, patch_px: int, previous: ImageToken | None) -> ImageToken:
-    """The `ImageToken` of one code of `image_codes` (``previous``: the token before it in the sequence)."""
-    tile, row, col, grid_row, grid_col = (int(v) for v in (code if len(code) == 5 else (*code, code[1], code[2])))
-    if tile < 0:  # a row separator: it carries the tile / row of the patch just before it
-        return ImageToken(position, previous.tile, previous.row, -1, grid_row, grid_col, None, True)
-    has_box = row >= 0 and col >= 0  # not a CLS feature
-    box = (col * patch_px, row * patch_px, (col + 1) * patch_px, (row + 1) * patch_px) if has_box else None
-    return ImageToken(position, tile, row, col, grid_row, grid_col, box)
+def image_codes(model: HookedLlava, outputs: Mapping[str, Any]) -> list[FeatureCode]:
+    """One `FeatureCode` per image feature the model packs, in sequence order, by the model's family layout
+    (`mm_lens.families`); ``outputs``: the processor's tensors for the image."""
+    return family_of(model.model_type).layout(model, outputs)
 
 
-def image_codes(model: HookedLlava, image_size: Tensor | None) -> list[tuple]:
-    """One code per image feature the model packs, in sequence order: ``(tile, row, col[, grid_row, grid_col])``;
-    tile -1 marks a LLaVA-NeXT row separator. ``image_size``: NeXT's original (height, width)."""
-    config = model.config
-    vision = config.vision_config
-    side = int(vision.image_size) // int(vision.patch_size)
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if model.model_type == "llava_next":
-        return _llava_next_codes(model, image_size, strategy, side)
-    codes = [(0, -1, -1)] if strategy == "full" else []
-    return codes + [(0, r, c) for r in range(side) for c in range(side)]
-
-
-def _llava_next_codes(model: HookedLlava, image_size: Tensor, strategy: str, side: int) -> list[tuple]:
-    """Run the model's own ``pack_image_features`` on features that encode (tile, row, col, grid_row, grid_col).
-
-    This guarantees the token order (base tile, unpadded any-res grid, row separators) agrees with HF.
-    """
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    config = model.config
-    tile_px = config.vision_config.image_size
-    n_tiles = image_size_to_num_patches(image_size.tolist(), config.image_grid_pinpoints, tile_px)
-    rows = torch.arange(side).repeat_interleave(side)
-    cols = torch.arange(side).repeat(side)
-    per_tile = []
-    n_cols = _anyres_grid_width(model, image_size, side)
-    for tile in range(n_tiles):
-        if tile == 0:
-            grid_r, grid_c = rows, cols
-        else:  # position in the joined crop grid, before unpadding
-            tr, tc = divmod(tile - 1, n_cols // side)
-            grid_r, grid_c = rows + tr * side, cols + tc * side
-        feats = torch.stack([torch.full_like(rows, tile), rows, cols, grid_r, grid_c], dim=-1)
-        if strategy == "full":
-            feats = torch.cat([torch.tensor([[tile, -1, -1, -1, -1]]), feats])
-        per_tile.append(feats)
-    features = torch.stack(per_tile).to(torch.float64)
-    newline = torch.full((5,), -1.0, dtype=torch.float64)
-    packer = model.hf_model.model
-    packed, _ = packer.pack_image_features([features], image_size[None], strategy, image_newline=newline)
-    packed = packed[0].round().long().tolist()
-    # Grid coordinates after unpadding: rebase to the first kept row / column of the any-res part.
-    anyres = [c for c in packed[side * side + (strategy == "full"):] if c[0] >= 0]
-    r0 = min((c[3] for c in anyres), default=0)
-    c0 = min((c[4] for c in anyres), default=0)
-    width = max((c[4] for c in anyres), default=-1) - c0 + 1
-    out = []
-    for tile, row, col, gr, gc in packed:
-        if tile < 0:
-            prev = out[-1]
-            out.append((-1, -1, -1, prev[3], width))
-        elif tile == 0:
-            out.append((tile, row, col, gr, gc))
-        else:
-            out.append((tile, row, col, gr - r0, gc - c0))
-    return out
-
-
-def _anyres_grid_width(model: HookedLlava, image_size: Tensor, side: int) -> int:
-    """Width in patches of the joined any-res crop grid (before unpadding)."""
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-
-    config = model.config
-    tile_px = config.vision_config.image_size
-    _, n_w = get_anyres_image_grid_shape(image_size.tolist(), config.image_grid_pinpoints, tile_px)
-    return n_w * side
+def marker_positions(model: HookedLlava, input_ids: Tensor, image_positions: Sequence[int]) -> list[int]:
+    """The ``Image Markers`` region: positions of the family's marker tokens (image begin / end, tile tags, row
+    breaks) and every other non-feature position between the first and the last image feature."""
+    ids = input_ids[0].tolist()
+    family = family_of(model.model_type)
+    marker_ids: set[int] = set()
+    vocab = model.tokenizer.get_vocab() if hasattr(model.tokenizer, "get_vocab") else {}
+    for token in family.marker_tokens:
+        if token in vocab:
+            marker_ids.add(int(vocab[token]))
+    features = set(image_positions)
+    out = {p for p, i in enumerate(ids) if i in marker_ids}
+    if image_positions:
+        out |= {p for p in range(min(image_positions), max(image_positions) + 1) if p not in features}
+    return sorted(out - features)
 
 
 __all__ = [
@@ -304,4 +262,5 @@ __all__ = [
     "RegionMap",
     "image_codes",
     "image_tokens",
+    "marker_positions",
 ]

@@ -17,14 +17,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mm_lens"
 #: mm_lens's modules, bottom first. Each line is one step of the stair.
 LAYERS = [
     "errors", "hook_points", "names", "types", "compat",
+    "routes",  # knockout routes into attention TL does not compute itself (HF's AttentionInterface)
     "protocol",  # the choices, as data
-    "model",  # loading; what a family's files say (image token, study family, which protocol auto means)
+    "families.base",  # what mm-lens must know of a family, as one record
+    "families.llava", "families.onevision", "families.gemma3", "families.idefics3", "families.mistral3",
+    "families.internvl", "families.qwen_vl", "families.glm4v",
+    "families",  # the registry
     "regions",  # region records; where each image token sits
+    "knockout",  # the knockout hook, and the proof at load that it is live
+    "model",  # loading; what a family's files say (image token, study family, which protocol auto means)
     "patches",  # both patch rules (exact geometry, the study's red mask)
     "encoders",  # both input pipelines (the study's, the checkpoint's)
     "inputs",  # prepare() and MultimodalInput
     "data.gqa", "data", "expectations",
-    "knockout",  # the knockout hook
     "engines",  # how a sweep computes knockouts
     "selfcheck",
     "analyses",  # one record per analysis kind, the per-sample loop
