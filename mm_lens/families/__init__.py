@@ -6,12 +6,28 @@ Adding a family is a new module with its record plus one line in `_FAMILIES` (se
 
 from __future__ import annotations
 
+import importlib
+
 from mm_lens.errors import MMLensError
 from mm_lens.families.base import TL_SCORES, FeatureCode, Family, KnockoutRoute
-from mm_lens.families.llava import LLAVA, LLAVA_NEXT
+
+#: The family modules of this package, in the README's order; each defines ``FAMILIES``, its `Family` records.
+_MODULES = ("llava", "onevision", "gemma3", "idefics3", "mistral3", "internvl", "qwen_vl", "glm4v")
+
+
+def _load() -> tuple[Family, ...]:
+    found: list[Family] = []
+    for module in _MODULES:
+        try:
+            found += importlib.import_module(f"mm_lens.families.{module}").FAMILIES
+        except ModuleNotFoundError as exc:
+            if exc.name != f"mm_lens.families.{module}":
+                raise
+    return tuple(found)
+
 
 #: Every family mm-lens supports, in the README's order.
-_FAMILIES: tuple[Family, ...] = (LLAVA, LLAVA_NEXT)
+_FAMILIES: tuple[Family, ...] = _load()
 
 FAMILIES: dict[str, Family] = {model_type: family for family in _FAMILIES for model_type in family.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)

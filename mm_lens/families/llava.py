@@ -115,4 +115,6 @@ LLAVA_NEXT = Family(
     layout_note="`<image>` per feature: base tile, then the unpadded any-res grid with an `image_newline` per row",
 )
 
-__all__ = ["LLAVA", "LLAVA_NEXT", "llava_codes", "next_codes"]
+FAMILIES = (LLAVA, LLAVA_NEXT)
+
+__all__ = ["FAMILIES", "LLAVA", "LLAVA_NEXT", "llava_codes", "next_codes"]
