@@ -17,7 +17,7 @@ import torch
 
 from mm_lens.compat import boot_bridge, register_tl_adapter
 from mm_lens.errors import MMLensError
-from mm_lens.families import SUPPORTED_MODEL_TYPES, Family, family_of
+from mm_lens.families import Family, family_of
 from mm_lens.knockout import check_live
 from mm_lens.protocol import CHECKPOINT, LLAVA_LLAMA_3, PROTOCOL_NAMES, STUDY, VICUNA_V1, Conversation, Protocol
 

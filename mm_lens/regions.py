@@ -22,9 +22,9 @@ expanded the one ``<image>`` placeholder into one token per image feature. `imag
 that hold the image token id, in order, with `image_codes`: the tile, row and column of each feature the model
 packs, by the model's family (`mm_lens.families`: each family's layout is read off the model's own packing code
 run on coded inputs, e.g. LLaVA-NeXT's ``pack_image_features`` on features that spell their coordinates, so the order
-agrees with transformers by construction). Each pair is an `ImageToken`; a `RegionMap` holds them and the text positions,
-and is the only place that turns names into positions (`RegionMap.positions`). `mm_lens.inputs.prepare` builds
-it for an (image, question).
+agrees with transformers by construction). Each pair is an `ImageToken`; a `RegionMap` holds them and the text
+positions, and is the only place that turns names into positions (`RegionMap.positions`).
+`mm_lens.inputs.prepare` builds it for an (image, question).
 """
 
 from __future__ import annotations

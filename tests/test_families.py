@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from family_checks import check_image_positions, check_knockout_oracle, check_related_by_painting
 from mm_lens.errors import MMLensError
 from mm_lens.families import FAMILIES, SUPPORTED_MODEL_TYPES, families, family_of
-from family_checks import check_image_positions, check_knockout_oracle, check_related_by_painting
 from oracle import plain_model
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from mm_lens.errors import MMLensError
-from mm_lens.families.base import TL_SCORES, FeatureCode, Family, KnockoutRoute
+from mm_lens.families.base import TL_SCORES, Family, FeatureCode, KnockoutRoute
 
 #: The family modules of this package, in the README's order; each defines ``FAMILIES``, its `Family` records.
 _MODULES = ("llava", "onevision", "gemma3", "idefics3", "mistral3", "internvl", "qwen_vl", "glm4v")
