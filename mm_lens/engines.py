@@ -422,7 +422,7 @@ def fast_engine(
                 continue
             hook = KnockoutHook([(targets, sources)], [str(block)], heads=heads, check=False)
             start = min(int(t) for t in targets)
-            if any(lo <= start < hi for lo, hi in inp.regions.bidirectional):
+            if any(lo <= start < hi for lo, hi in getattr(inp.regions, "bidirectional", ())):
                 exact.append(b)
                 continue
             for w, layers in enumerate(windows):
