@@ -1,0 +1,102 @@
+"""The Qwen-VL group: Qwen2-VL (``qwen2_vl``), Qwen2.5-VL (``qwen2_5_vl``), Qwen3-VL (``qwen3_vl``).
+
+The image is smart-resized to multiples of ``patch_size * merge_size`` (28; 32 for Qwen3-VL), cut into
+``patch_size`` patches, and each ``merge_size`` x ``merge_size`` cell of patches becomes one language-model token:
+``<|vision_start|>`` ``<|image_pad|>`` x (h / 28) (w / 28) ``<|vision_end|>``, one tile, row-major over the merged
+cells. The counts come from the processor's own ``image_grid_thw``; ``pixel_values`` are flattened patches (merge
+cells grouped, the frame repeated ``temporal_patch_size`` times), which `qwen_pixel_tiles` folds back into the
+resized image. Positions use 3-D mRoPE. TL's adapters keep HF's native attention, so the knockout goes through the
+attention-interface route (`mm_lens.routes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from mm_lens.families.base import Family, FeatureCode, KnockoutRoute, grid_codes, processor_without_video
+from mm_lens.routes import install_attention_route
+
+
+def _vision(model: Any) -> Any:
+    return model.config.vision_config
+
+
+def qwen_codes(model: Any, outputs: Mapping[str, Any]) -> list[FeatureCode]:
+    """One tile; one code per merged cell of the processor's ``image_grid_thw``, row-major."""
+    vision = _vision(model)
+    merge, patch = int(vision.spatial_merge_size), int(vision.patch_size)
+    t, gh, gw = (int(v) for v in torch.as_tensor(outputs["image_grid_thw"])[0])
+    return grid_codes(0, gh // merge, gw // merge, patch * merge)
+
+
+def qwen_pixel_tiles(outputs: Mapping[str, Any], patch: int | None = None, merge: int = 2,
+                     temporal: int = 2) -> torch.Tensor:
+    """``[1, 3, H, W]``: the processor's flattened patches folded back into the resized image (first frame)."""
+    pv = torch.as_tensor(outputs["pixel_values"])
+    _, gh, gw = (int(v) for v in torch.as_tensor(outputs["image_grid_thw"])[0])
+    if patch is None:  # patch_dim = 3 * temporal * patch^2
+        patch = round((pv.shape[-1] / (3 * temporal)) ** 0.5)
+    x = pv[: gh * gw].reshape(gh // merge, gw // merge, merge, merge, 3, temporal, patch, patch)[:, :, :, :, :, 0]
+    # (gh/m, gw/m, mh, mw, C, ph, pw) -> (C, gh/m, mh, ph, gw/m, mw, pw)
+    x = x.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * patch, gw * patch)
+    return x[None]
+
+
+def _without_video_check(base: Any) -> Any:
+    """`base` accepting a stand-in video processor (its class check loads torchvision's video mapping)."""
+
+    def check(self: Any, name: str, arg: Any) -> None:
+        if name != "video_processor":
+            base.check_argument_for_proper_class(self, name, arg)
+
+    return type(base.__name__, (base,), {"check_argument_for_proper_class": check})
+
+
+def _processor(processor_cls: str) -> Any:
+    def build(path: str) -> Any:
+        import transformers
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return processor_without_video(path, _without_video_check(getattr(transformers, processor_cls)),
+                                       Qwen2VLImageProcessorPil)
+
+    return build
+
+
+ATTENTION_INTERFACE = KnockoutRoute(
+    "attention-interface",
+    "an eager attention function registered through transformers' AttentionInterface on the language model fires "
+    "hook_attn_scores (pre-softmax) and hook_pattern inside the computation",
+    install=install_attention_route,
+)
+
+_COMMON: dict[str, Any] = dict(
+    layout=qwen_codes,
+    model_inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
+    marker_tokens=("<|vision_start|>", "<|vision_end|>"),
+    pixel_tiles=qwen_pixel_tiles,
+    unused_libraries=("torchvision",),
+    route=ATTENTION_INTERFACE,
+)
+
+QWEN2_5_VL = Family(
+    name="qwen2_5_vl", title="Qwen2.5-VL", model_types=("qwen2_5_vl",), processor=_processor("Qwen2_5_VLProcessor"),
+    layout_note="`<|vision_start|>` `<|image_pad|>` x (h/28)(w/28) `<|vision_end|>`, smart-resized, row-major",
+    **_COMMON,
+)
+
+QWEN2_VL = Family(
+    name="qwen2_vl", title="Qwen2-VL", model_types=("qwen2_vl",), processor=_processor("Qwen2VLProcessor"),
+    tl_like={"Qwen2VLForConditionalGeneration": "Qwen2_5_VLForConditionalGeneration"},
+    layout_note="`<|vision_start|>` `<|image_pad|>` x (h/28)(w/28) `<|vision_end|>`, smart-resized, row-major",
+    **_COMMON,
+)
+
+# Qwen2-VL is not registered yet: TL's Qwen2.5-VL adapter maps the vision MLP as gate/up/down, and Qwen2-VL's vision
+# MLP is fc1/fc2 ("'VisionMlp' object has no attribute 'gate_proj'" at boot).
+FAMILIES = (QWEN2_5_VL,)
+
+__all__ = ["ATTENTION_INTERFACE", "FAMILIES", "QWEN2_5_VL", "QWEN2_VL", "qwen_codes", "qwen_pixel_tiles"]

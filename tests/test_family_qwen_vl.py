@@ -1,0 +1,119 @@
+"""The Qwen-VL group on tiny random checkpoints (Qwen2.5-VL; `build` also makes Qwen2-VL, which TL cannot boot yet):
+knockout through the attention-interface route equals the oracle (both engines, all heads and one head), image
+positions and markers, painted boxes across smart_resize rounding, the flow CLI."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from family_checks import check_flow_cli, check_image_positions, check_knockout_oracle, check_related_by_painting
+from family_tokenizers import saved_tokenizer
+from oracle import plain_model
+
+SPECIAL = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build(kind: str, out):
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = saved_tokenizer("qwen3", out / "tok", add=SPECIAL)
+    tok.chat_template = TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                tie_word_embeddings=False)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, in_chans=3)
+    if kind == "qwen2_5_vl":
+        cfg_cls, model_cls, proc_cls = (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration,
+                                        transformers.Qwen2_5_VLProcessor)
+        vision.update(out_hidden_size=64, window_size=56, fullatt_block_indexes=[1])
+    else:
+        cfg_cls, model_cls, proc_cls = (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration,
+                                        transformers.Qwen2VLProcessor)
+        vision.update(embed_dim=32, mlp_ratio=2, hidden_size=64)
+    config = cfg_cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                     video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                     vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    path = out / kind
+    model.save_pretrained(path)
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 16},
+                                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    del proc_cls
+    image_processor.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(TEMPLATE)
+    return path
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl"])
+def qwen(request, tmp_path_factory):
+    from mm_lens.model import load
+
+    path = build(request.param, tmp_path_factory.mktemp(request.param))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load(str(path))
+    return path, model
+
+
+def test_knockout_equals_oracle(qwen, make_image):
+    from mm_lens.inputs import prepare
+
+    path, model = qwen
+    plain = plain_model(str(path))
+    inp = prepare(model, make_image(60, 44), "Is the cube red or blue ?", protocol="checkpoint",
+                  spans={"True Option": "red"})
+    worst = check_knockout_oracle(model, plain, inp, ["Image->Question", "Question->Last", "Image->Last",
+                                                      "Image Markers->Last"], [range(0, 2), range(2, 4)])
+    print(model.model_type, worst)
+    assert worst["moved"] > 1e-3
+    single = check_knockout_oracle(model, plain, inp, ["Image->Last", "Question->Last"], [range(0, 4)], heads=[1])
+    print(model.model_type, "heads=[1]", single)
+
+
+def test_image_positions_and_markers(qwen, make_image):
+    from mm_lens.inputs import prepare
+
+    _, model = qwen
+    inp = prepare(model, make_image(60, 44), "What is this ?", protocol="checkpoint")
+    check_image_positions(model, inp)
+    ids = inp.input_ids[0].tolist()
+    tok = model.tokenizer
+    markers = [ids[p] for p in inp.regions.positions("Image Markers")]
+    assert markers == [tok.convert_tokens_to_ids("<|vision_start|>"), tok.convert_tokens_to_ids("<|vision_end|>")]
+    thw = inp.extra["image_grid_thw"][0].tolist()
+    assert len(inp.regions.positions("Image")) == thw[1] * thw[2] // 4
+
+
+@pytest.mark.parametrize("size", [(60, 44), (100, 50), (45, 90)])
+def test_related_by_painting(qwen, make_image, size):
+    _, model = qwen
+    w, h = size
+    check_related_by_painting(model, make_image(w, h), [(4, 4, 10, 8), (w // 3, 2, w // 2, h - 6), (0, 0, w, 6)])
+
+
+def test_knockout_live(qwen):
+    assert qwen[1].self_checks["knockout_live"] > 0
+    assert qwen[1].family.route.name == "attention-interface"
+
+
+def test_flow_cli(qwen, tmp_path, make_image):
+    path, model = qwen
+    if model.model_type != "qwen2_5_vl":
+        pytest.skip("one family end to end is enough for the time budget")
+    check_flow_cli(path, tmp_path, make_image, [(60, 44), (50, 70)])
