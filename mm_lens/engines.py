@@ -73,6 +73,8 @@ class CleanPass:
     last_logits: Float[Tensor, " vocab"]
     cache: DynamicCache  # HF cache object (greedy decoding extends it; `keys_values` keeps the prompt's)
     resid_pre: list[Tensor] = field(default_factory=list, repr=False)  # per layer ``[1, pos, d_model]``
+    #: The language model's 3-D (mRoPE) position ids ``[3, 1, pos]`` where it has them (Qwen-VL), else None.
+    position_ids: Tensor | None = None
 
 
 def clean_pass(model: HookedLlava, inp: MultimodalInput) -> CleanPass:
@@ -91,13 +93,27 @@ def clean_pass(model: HookedLlava, inp: MultimodalInput) -> CleanPass:
         return grab
 
     hooks = [(hook_points.resid_pre(layer), grabber(layer)) for layer in range(model.n_layers)]
-    with torch.inference_mode():
-        logits, cache = model.bridge.run_with_hooks(
-            input_ids, fwd_hooks=hooks, return_type="logits_and_cache", logits_to_keep=1, **kwargs
-        )
+    positions: dict[str, Tensor] = {}
+
+    def grab_positions(module, args, kwargs):  # mRoPE positions are not the suffix's offsets: keep them
+        pos = kwargs.get("position_ids")
+        if isinstance(pos, Tensor) and pos.ndim == 3:
+            positions["ids"] = pos
+        return None
+
+    lm = getattr(getattr(model.hf_model, "model", None), "language_model", None)
+    handle = lm.register_forward_pre_hook(grab_positions, with_kwargs=True) if lm is not None else None
+    try:
+        with torch.inference_mode():
+            logits, cache = model.bridge.run_with_hooks(
+                input_ids, fwd_hooks=hooks, return_type="logits_and_cache", logits_to_keep=1, **kwargs
+            )
+    finally:
+        if handle is not None:
+            handle.remove()
     kv = [(layer.keys, layer.values) for layer in cache.layers]
     stream = [resid[layer] for layer in range(model.n_layers)]
-    return CleanPass(stream[0], kv, logits[0, -1], cache, stream)
+    return CleanPass(stream[0], kv, logits[0, -1], cache, stream, positions.get("ids"))
 
 
 # ---------------------------------------------------------------- the language model, layer by layer
@@ -377,7 +393,10 @@ def _run_bridge(model: HookedLlava, clean: CleanPass, start: int, rows: Sequence
         for layer in past.layers:
             layer.rewind()
     suffix = embeds[:, start:].expand(n, -1, -1)
-    logits = model.bridge.run_with_hooks(suffix, fwd_hooks=hooks, past_key_values=past, logits_to_keep=1)
+    extra = {}
+    if clean.position_ids is not None:  # 3-D mRoPE: the suffix's own positions, not the cache offset's
+        extra["position_ids"] = clean.position_ids[:, :, start:].expand(-1, n, -1)
+    logits = model.bridge.run_with_hooks(suffix, fwd_hooks=hooks, past_key_values=past, logits_to_keep=1, **extra)
     return logits[:, -1]
 
 

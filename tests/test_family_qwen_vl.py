@@ -84,6 +84,9 @@ def test_knockout_equals_oracle(qwen, make_image):
     assert worst["moved"] > 1e-3
     single = check_knockout_oracle(model, plain, inp, ["Image->Last", "Question->Last"], [range(0, 4)], heads=[1])
     print(model.model_type, "heads=[1]", single)
+    # A target inside the image: the fast engine's suffix starts there and needs the 3-D mRoPE positions.
+    inside = check_knockout_oracle(model, plain, inp, ["Image Markers->Image", "Image->Last"], [range(0, 2)])
+    print(model.model_type, "inside the image", inside)
 
 
 def test_image_positions_and_markers(qwen, make_image):
