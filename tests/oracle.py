@@ -24,7 +24,7 @@ def plain_model(path: str) -> Any:
 
 def decoder_attentions(model: Any) -> list[Any]:
     """The language model's self-attention modules, one per decoder layer."""
-    lm = getattr(model.model, "language_model", None) or model.model
+    lm = getattr(model.model, "language_model", None) or getattr(model.model, "text_model", None) or model.model
     return [layer.self_attn for layer in lm.layers]
 
 
