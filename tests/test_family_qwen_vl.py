@@ -1,4 +1,4 @@
-"""The Qwen-VL group on tiny random checkpoints (Qwen2.5-VL; `build` also makes Qwen2-VL, which TL cannot boot yet):
+"""The Qwen-VL group on tiny random checkpoints (Qwen2.5-VL, Qwen3-VL; `build` also makes Qwen2-VL, not booted):
 knockout through the attention-interface route equals the oracle (both engines, all heads and one head), image
 positions and markers, painted boxes across smart_resize rounding, the flow CLI."""
 
@@ -36,7 +36,15 @@ def build(kind: str, out):
                 tie_word_embeddings=False)
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, in_chans=3)
-    if kind == "qwen2_5_vl":
+    cell = 28
+    if kind == "qwen3_vl":
+        cfg_cls, model_cls, proc_cls = (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration,
+                                        transformers.Qwen3VLProcessor)
+        text.update(head_dim=16)
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision.update(patch_size=16, out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[0])
+        cell = 32
+    elif kind == "qwen2_5_vl":
         cfg_cls, model_cls, proc_cls = (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration,
                                         transformers.Qwen2_5_VLProcessor)
         vision.update(out_hidden_size=64, window_size=56, fullatt_block_indexes=[1])
@@ -51,8 +59,9 @@ def build(kind: str, out):
     model = model_cls(config).eval()
     path = out / kind
     model.save_pretrained(path)
-    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 16},
-                                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": cell * cell * 4,
+                                                     "longest_edge": cell * cell * 16},
+                                               patch_size=cell // 2, merge_size=2, temporal_patch_size=2)
     del proc_cls
     image_processor.save_pretrained(path)
     tok.save_pretrained(path)
@@ -60,7 +69,7 @@ def build(kind: str, out):
     return path
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
 def qwen(request, tmp_path_factory):
     from mm_lens.model import load
 
@@ -116,7 +125,5 @@ def test_knockout_live(qwen):
 
 
 def test_flow_cli(qwen, tmp_path, make_image):
-    path, model = qwen
-    if model.model_type != "qwen2_5_vl":
-        pytest.skip("one family end to end is enough for the time budget")
+    path, _ = qwen
     check_flow_cli(path, tmp_path, make_image, [(60, 44), (50, 70)])

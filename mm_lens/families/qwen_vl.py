@@ -97,6 +97,15 @@ QWEN2_VL = Family(
 
 # Qwen2-VL is not registered yet: TL's Qwen2.5-VL adapter maps the vision MLP as gate/up/down, and Qwen2-VL's vision
 # MLP is fc1/fc2 ("'VisionMlp' object has no attribute 'gate_proj'" at boot).
-FAMILIES = (QWEN2_5_VL,)
+QWEN3_VL = Family(
+    name="qwen3_vl", title="Qwen3-VL", model_types=("qwen3_vl",), processor=_processor("Qwen3VLProcessor"),
+    layout_note="`<|vision_start|>` `<|image_pad|>` x (h/32)(w/32) `<|vision_end|>`, smart-resized, row-major",
+    # Not bidirectional: DeepStack adds visual features to early layers' image positions inside HF's forward, which
+    # the fast engine's cached-prefix suffix run cannot replay, so targets inside the image take full forwards.
+    bidirectional_image=True,
+    **_COMMON,
+)
 
-__all__ = ["ATTENTION_INTERFACE", "FAMILIES", "QWEN2_5_VL", "QWEN2_VL", "qwen_codes", "qwen_pixel_tiles"]
+FAMILIES = (QWEN2_5_VL, QWEN3_VL)
+
+__all__ = ["ATTENTION_INTERFACE", "FAMILIES", "QWEN2_5_VL", "QWEN2_VL", "QWEN3_VL", "qwen_codes", "qwen_pixel_tiles"]
