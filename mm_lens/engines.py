@@ -21,8 +21,9 @@ its target positions at the layers of its window, so
   come from the last position only.
 
 Where a family's image features attend to each other both ways (Gemma 3 with ``token_type_ids``), positions before a
-target inside the image see it, so the premise fails there: blocks whose first target lies in such a span
-(`RegionMap.bidirectional`) run as full forwards, exactly as the reference engine runs them.
+target inside the image see it, and where HF's forward adds features at image positions itself (Qwen3-VL's
+DeepStack), a suffix run cannot replay them; the premise fails there, so blocks whose first target lies in such a
+span (`RegionMap.full_forward_spans`) run as full forwards, exactly as the reference engine runs them.
 
 For Llama-family language models (LLaVA-1.5 and LLaVA-NeXT's Vicuna, Mistral and Llama-3) the suffix runs on the
 bridge's own modules, layer by layer, without the bridge's per-module dispatch: the same norms, projections, rotary
@@ -433,7 +434,7 @@ def fast_engine(
                               "mm_lens.engines.clean_pass; use path='auto'")
         clean_prob = float(vocab_softmax(clean.last_logits, n_vocab)[token])
         groups: dict[int, list[_Row]] = {}
-        exact: list[int] = []  # blocks with a target inside a bidirectional span: no clean prefix to reuse
+        exact: list[int] = []  # blocks with a target inside a full-forward span: no clean prefix to reuse
         for b, block in enumerate(blocks):
             targets, sources = edge_positions(inp.regions, block)
             if not (len(targets) and len(sources)):  # an empty region blocks nothing: the clean probability
@@ -441,7 +442,7 @@ def fast_engine(
                 continue
             hook = KnockoutHook([(targets, sources)], [str(block)], heads=heads, check=False)
             start = min(int(t) for t in targets)
-            if any(lo <= start < hi for lo, hi in getattr(inp.regions, "bidirectional", ())):
+            if any(lo <= start < hi for lo, hi in getattr(inp.regions, "full_forward_spans", ())):
                 exact.append(b)
                 continue
             for w, layers in enumerate(windows):

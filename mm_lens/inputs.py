@@ -119,7 +119,7 @@ def region_map(model: HookedLlava, encoding: Encoding) -> RegionMap:
     family = family_of(model.model_type)
     tokens = image_tokens(model, encoding.input_ids, encoding.outputs())
     positions = [t.position for t in tokens]
-    bidirectional = [(min(positions), max(positions) + 1)] if family.bidirectional_image and positions else []
+    spans = [(min(positions), max(positions) + 1)] if family.image_full_forward and positions else []
     tile = getattr(model.config.vision_config, "image_size", 0)
     return RegionMap(
         seq_len=seq_len,
@@ -130,7 +130,7 @@ def region_map(model: HookedLlava, encoding: Encoding) -> RegionMap:
         tile_size=int(tile[0] if isinstance(tile, (list, tuple)) else tile or 0),
         markers=marker_positions(model, encoding.input_ids, positions),
         base_tile=family.base_tile(tokens),
-        bidirectional=bidirectional,
+        full_forward_spans=spans,
     )
 
 

@@ -134,8 +134,9 @@ class RegionMap:
     tile_size: int = 0  # pixels per side of a processed tile
     markers: list[int] = field(default_factory=list)  # the Image Markers region
     base_tile: int = 0  # the tile that shows the whole image (Base Image); the others are HD Image
-    #: Spans [start, stop) of positions that attend to each other both ways (Gemma 3's image block).
-    bidirectional: list[tuple[int, int]] = field(default_factory=list)
+    #: Spans [start, stop) where a knockout target leaves no clean prefix (Gemma 3's bidirectional image block,
+    #: Qwen3-VL's DeepStack image positions): `mm_lens.engines.fast_engine` runs such blocks as full forwards.
+    full_forward_spans: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.image_tokens = tuple(self.image_tokens)

@@ -46,3 +46,13 @@ def test_image_positions_and_painted_boxes(which, request, make_image):
 
 def test_knockout_is_proved_live_at_load(tiny_llava):
     assert tiny_llava.self_checks["knockout_live"] > 0
+
+
+def test_readme_lists_every_family():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Model families"):readme.index("## Definitions")]
+    for family in families():
+        for model_type in family.model_types:
+            assert f"`{model_type}`" in table, f"README's family table misses {model_type}"

@@ -79,7 +79,7 @@ def _inp(model, image, **kw):
 
 def test_knockout_equals_oracle(gemma3, plain, make_image):
     inp = _inp(gemma3, make_image(40, 32), spans={"True Option": "red"})
-    assert set(inp.extra) == {"token_type_ids"} and inp.regions.bidirectional
+    assert set(inp.extra) == {"token_type_ids"} and inp.regions.full_forward_spans
     worst = check_knockout_oracle(gemma3, plain, inp, ["Image->Question", "Question->Last", "Image->Last",
                                                        "Image Markers->Last"], [range(0, 2), range(2, 4)])
     print("gemma3 oracle", worst)

@@ -170,8 +170,9 @@ class Family:
     * ``marker_tokens``: tokens that mark the image in the prompt (begin / end markers, separators, tile tags):
       the ``Image Markers`` region, together with every non-feature position between the first and last feature.
     * ``base_tile(tokens)``: the tile that shows the whole image (``Base Image``; the rest is ``HD Image``).
-    * ``bidirectional_image``: image features attend to each other in both directions (Gemma 3 with
-      ``token_type_ids``), so a knockout inside the image changes positions before its first target.
+    * ``image_full_forward``: why positions before a target inside the image are not clean, when they are not
+      (Gemma 3's image features attend to each other both ways; Qwen3-VL's DeepStack adds visual features at the
+      image positions of early layers inside HF's forward): the fast engine runs such blocks as full forwards.
     * ``tl_like`` / ``unused_libraries``: the TL architecture whose adapter serves this one when TL ships none,
       and the libraries its adapter declares but the language-model path never uses (`mm_lens.compat`).
     * ``route``: how the knockout reaches the attention scores (`KnockoutRoute`).
@@ -186,7 +187,7 @@ class Family:
     marker_tokens: tuple[str, ...] = ()
     base_tile: Callable[[Any], int] = default_base_tile
     pixel_tiles: Callable[[Mapping[str, Any]], Tensor] = pixel_tiles
-    bidirectional_image: bool = False
+    image_full_forward: str = ""
     tl_like: Mapping[str, str] | None = None  # architecture -> the TL architecture whose adapter serves it
     unused_libraries: tuple[str, ...] = ()
     route: KnockoutRoute = TL_SCORES

@@ -6,7 +6,7 @@ processed square (896 px on the real checkpoints) is cut into ``image_size / pat
 multi-modal projector average-pools them ``kernel_size`` x ``kernel_size`` into ``tokens_per_side`` ^ 2 features,
 row-major: each feature sees one ``image_size / tokens_per_side`` px cell. The layout is read off the projector's
 own ``avg_pool`` run on maps that spell each patch's row and column (`gemma3_codes`). With ``token_type_ids`` the
-image block attends to itself both ways, so ``token_type_ids`` is a model input and ``bidirectional_image`` is set.
+image block attends to itself both ways, so ``token_type_ids`` is a model input and ``image_full_forward`` says so.
 Pan-and-scan crops (off by default) are further tiles, each a block of its own, the original image first.
 """
 
@@ -78,7 +78,7 @@ GEMMA3 = Family(
     processor=gemma3_processor,
     model_inputs=("pixel_values", "token_type_ids"),
     marker_tokens=("<start_of_image>", "<end_of_image>"),
-    bidirectional_image=True,
+    image_full_forward="its image features attend to each other both ways (token_type_ids)",
     layout_note="`<start_of_image>` + `<image_soft_token>` x mm_tokens_per_image (patches avg-pooled to a "
                 "sqrt(n) x sqrt(n) grid, row-major, bidirectional) + `<end_of_image>`",
 )

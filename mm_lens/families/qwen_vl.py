@@ -100,9 +100,8 @@ QWEN2_VL = Family(
 QWEN3_VL = Family(
     name="qwen3_vl", title="Qwen3-VL", model_types=("qwen3_vl",), processor=_processor("Qwen3VLProcessor"),
     layout_note="`<|vision_start|>` `<|image_pad|>` x (h/32)(w/32) `<|vision_end|>`, smart-resized, row-major",
-    # Not bidirectional: DeepStack adds visual features to early layers' image positions inside HF's forward, which
-    # the fast engine's cached-prefix suffix run cannot replay, so targets inside the image take full forwards.
-    bidirectional_image=True,
+    image_full_forward="DeepStack adds visual features to early layers' image positions inside HF's forward, which "
+                       "a suffix run over a cached prefix cannot replay",
     **_COMMON,
 )
 
