@@ -106,6 +106,7 @@ def processor_without_video(path: str, processor_cls: Any, image_processor_cls: 
     kwargs: dict[str, Any] = {"image_processor": image_processor, "tokenizer": tokenizer}
     if "video_processor" in params:
         kwargs["video_processor"] = _NoVideo()
+        processor_cls = _accepting_stand_in_video(processor_cls)
     template = getattr(tokenizer, "chat_template", None)
     try:
         import json
@@ -145,6 +146,18 @@ def _processor_config(path: str) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return {k: v for k, v in data.items() if not isinstance(v, dict) or k in ("size",)}
+
+
+def _accepting_stand_in_video(base: Any) -> Any:
+    """`base` taking `_NoVideo` as its video processor: the processors' class check on that argument loads
+    transformers' video-processor mapping, which needs torchvision."""
+
+    def check(self: Any, name: str, arg: Any) -> Any:
+        if name == "video_processor" and isinstance(arg, _NoVideo):
+            return type(arg)
+        return base.check_argument_for_proper_class(self, name, arg)
+
+    return type(base.__name__, (base,), {"check_argument_for_proper_class": check})
 
 
 class _NoVideo:

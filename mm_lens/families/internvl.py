@@ -72,17 +72,7 @@ def internvl_processor(path: str) -> Any:
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     from transformers.models.internvl.processing_internvl import InternVLProcessor
 
-    return processor_without_video(path, _without_video_check(InternVLProcessor), GotOcr2ImageProcessorPil)
-
-
-def _without_video_check(base: Any) -> Any:
-    """`base` accepting a stand-in video processor (its class check loads torchvision's video mapping)."""
-
-    def check(self: Any, name: str, arg: Any) -> None:
-        if name != "video_processor":
-            base.check_argument_for_proper_class(self, name, arg)
-
-    return type(base.__name__, (base,), {"check_argument_for_proper_class": check})
+    return processor_without_video(path, InternVLProcessor, GotOcr2ImageProcessorPil)
 
 
 INTERNVL = Family(

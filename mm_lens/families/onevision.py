@@ -28,17 +28,7 @@ def onevision_processor(path: str) -> Any:
         )
     except ImportError:  # older transformers: the slow processor is the PIL one
         from transformers import LlavaOnevisionImageProcessor as image_cls
-    return processor_without_video(path, _without_video_check(LlavaOnevisionProcessor), image_cls)
-
-
-def _without_video_check(base: Any) -> Any:
-    """`base` accepting a stand-in video processor (its class check loads torchvision's video mapping)."""
-
-    def check(self: Any, name: str, arg: Any) -> None:
-        if name != "video_processor":
-            base.check_argument_for_proper_class(self, name, arg)
-
-    return type(base.__name__, (base,), {"check_argument_for_proper_class": check})
+    return processor_without_video(path, LlavaOnevisionProcessor, image_cls)
 
 
 def onevision_codes(model: Any, outputs: Mapping[str, Any]) -> list[FeatureCode]:

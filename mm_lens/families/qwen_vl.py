@@ -45,22 +45,12 @@ def qwen_pixel_tiles(outputs: Mapping[str, Any], patch: int | None = None, merge
     return x[None]
 
 
-def _without_video_check(base: Any) -> Any:
-    """`base` accepting a stand-in video processor (its class check loads torchvision's video mapping)."""
-
-    def check(self: Any, name: str, arg: Any) -> None:
-        if name != "video_processor":
-            base.check_argument_for_proper_class(self, name, arg)
-
-    return type(base.__name__, (base,), {"check_argument_for_proper_class": check})
-
-
 def _processor(processor_cls: str) -> Any:
     def build(path: str) -> Any:
         import transformers
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        return processor_without_video(path, _without_video_check(getattr(transformers, processor_cls)),
+        return processor_without_video(path, getattr(transformers, processor_cls),
                                        Qwen2VLImageProcessorPil)
 
     return build
