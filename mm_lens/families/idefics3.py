@@ -12,6 +12,7 @@ with ``\\n`` closing each tile row, then ``\\n<fake_token_around_image><global-i
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -124,18 +125,14 @@ IDEFICS3 = Family(
     layout_note=_NOTE,
 )
 
-SMOLVLM = Family(
+# SmolVLM is Idefics3's layout with its own processor, booted on TL's Idefics3 adapter.
+SMOLVLM = replace(
+    IDEFICS3,
     name="smolvlm",
     title="SmolVLM",
     model_types=("smolvlm",),
-    layout=idefics3_codes,
     processor=smolvlm_processor,
-    model_inputs=("pixel_values", "pixel_attention_mask"),
-    marker_tokens=_MARKERS,
-    base_tile=last_tile,
-    pixel_tiles=pixel_tiles,
     tl_like={"SmolVLMForConditionalGeneration": "Idefics3ForConditionalGeneration"},
-    layout_note=_NOTE,
 )
 
 FAMILIES = (IDEFICS3, SMOLVLM)
