@@ -9,8 +9,9 @@ them.
 Global state: `install_kv_cache_fix` replaces one method of TransformerLens's ``AttentionBridge`` class for the
 process (idempotently; `kv_cache_fix_installed` tells whether it is in place); `register_tl_adapter` adds an
 architecture to TransformerLens's three adapter tables for the process (a family TL ships no adapter for, served by
-the adapter of one with the same module layout), and `without_required_libraries` lets an adapter boot without a
-library its language-model path does not use, for the duration of a boot. Nothing else here outlives a call.
+the adapter of one with the same module layout, or by a subclass of it with the mapping changed, such as
+`qwen2_vl_adapter`'s), and `without_required_libraries` lets an adapter boot without a library its language-model
+path does not use, for the duration of a boot. Nothing else here outlives a call.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import contextlib
 import functools
 import importlib.util
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from mm_lens.errors import MMLensError
@@ -98,26 +99,89 @@ def no_torchvision_install() -> Iterator[None]:
         helpers._ensure_torchvision = saved
 
 
-def register_tl_adapter(architecture: str, like: str) -> None:
+def register_tl_adapter(architecture: str, like: str | type | Callable[[], type]) -> None:
     """Let TransformerLens boot `architecture` with the adapter it ships for `like` (TL 4.3 has none for it).
 
+    `like` is a TL architecture name (its adapter serves `architecture` as is), an adapter class, or a function
+    returning one (such as `qwen2_vl_adapter`: a TL adapter with its component mapping changed to the architecture's
+    modules, built when first needed so that importing a family does not import TransformerLens).
     TL looks an architecture up in three tables, and all three must know it: the factory's registry
     (``ArchitectureAdapterFactory.register_adapter``), ``SUPPORTED_ARCHITECTURES`` (which the boot checks first) and
     ``utilities.architectures.MULTIMODAL_ARCHITECTURES`` (without it the boot loads a causal LM, not the
-    ``*ForConditionalGeneration`` model). Idempotent; a no-op where TL already knows `architecture`.
+    ``*ForConditionalGeneration`` model): `architecture` is multimodal when `like` is, or, for a class, when it
+    derives from the adapter of a multimodal TL architecture. Idempotent; a no-op where TL already knows
+    `architecture`.
     """
     from transformer_lens.factories import architecture_adapter_factory as factory
     from transformer_lens.utilities import architectures
 
-    adapter = factory.SUPPORTED_ARCHITECTURES.get(like) or factory.ArchitectureAdapterFactory._adapters.get(like)
-    if adapter is None:
-        raise MMLensError(f"TransformerLens has no adapter for {like!r} to serve {architecture!r}")
+    if isinstance(like, str):
+        adapter = factory.SUPPORTED_ARCHITECTURES.get(like) or factory.ArchitectureAdapterFactory._adapters.get(like)
+        if adapter is None:
+            raise MMLensError(f"TransformerLens has no adapter for {like!r} to serve {architecture!r}")
+        multimodal = like in architectures.MULTIMODAL_ARCHITECTURES
+    else:
+        adapter = like if isinstance(like, type) else like()
+        multimodal = any(factory.SUPPORTED_ARCHITECTURES.get(arch) in adapter.__mro__
+                         for arch in architectures.MULTIMODAL_ARCHITECTURES)
     if architecture not in factory.SUPPORTED_ARCHITECTURES:
         factory.SUPPORTED_ARCHITECTURES[architecture] = adapter
     if architecture not in factory.ArchitectureAdapterFactory._adapters:
         factory.ArchitectureAdapterFactory.register_adapter(architecture, adapter)
-    if like in architectures.MULTIMODAL_ARCHITECTURES:
+    if multimodal:
         architectures.MULTIMODAL_ARCHITECTURES.add(architecture)
+
+
+@functools.cache
+def qwen2_vl_adapter() -> type:
+    """``Qwen2VLArchitectureAdapter``: TL 4.3's Qwen2.5-VL adapter with the vision tower mapped as Qwen2-VL's.
+
+    TL 4.3 ships no adapter for ``Qwen2VLForConditionalGeneration``. Its language model, merger
+    (``model.visual.merger``), rotary embeddings and vision attention (``qkv`` / ``proj``) are laid out as
+    Qwen2.5-VL's, and the vision blocks' norms (LayerNorm here, RMSNorm there) are black boxes in TL's vision-block
+    bridge, so the Qwen2.5-VL adapter serves it but for two things:
+
+    * the vision MLP is ``fc1`` / ``fc2`` (``VisionMlp``), not gated ``gate_proj`` / ``up_proj`` / ``down_proj``
+      (booting with the Qwen2.5-VL mapping fails: "'VisionMlp' object has no attribute 'gate_proj'");
+    * the tower's width is ``vision_config.embed_dim``; its ``hidden_size`` is the merger's output (the language
+      model's width), which TL's ``_extract_vision_dims`` would record as ``vision_hidden_size``.
+
+    Built on first call (TransformerLens is imported then, not when mm-lens is) and the same class after.
+    """
+    from transformer_lens.model_bridge.generalized_components import LinearBridge
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+    from transformer_lens.model_bridge.generalized_components.qwen3_5_vision_encoder import (
+        Qwen3_5VisionBlockBridge,
+        Qwen3_5VisionEncoderBridge,
+    )
+    from transformer_lens.model_bridge.supported_architectures.qwen2_5_vl import Qwen2_5_VLArchitectureAdapter
+
+    class Qwen2VLArchitectureAdapter(Qwen2_5_VLArchitectureAdapter):
+        """Architecture adapter for Qwen2VLForConditionalGeneration models (mm-lens; TL 4.3 ships none)."""
+
+        def __init__(self, cfg: Any) -> None:
+            super().__init__(cfg)
+            vision = getattr(cfg, "vision_config", None)
+            if getattr(vision, "embed_dim", None) is not None:
+                self.cfg.vision_hidden_size = vision.embed_dim
+            self.component_mapping["vision_encoder"] = Qwen3_5VisionEncoderBridge(
+                name="model.visual",
+                config=self.cfg,
+                submodules={
+                    "pos_embed": GeneralizedComponent(name="rotary_pos_emb"),
+                    "blocks": Qwen3_5VisionBlockBridge(
+                        name="blocks",
+                        submodules={
+                            "mlp": GeneralizedComponent(
+                                name="mlp",
+                                submodules={"in": LinearBridge(name="fc1"), "out": LinearBridge(name="fc2")},
+                            ),
+                        },
+                    ),
+                },
+            )
+
+    return Qwen2VLArchitectureAdapter
 
 
 @contextlib.contextmanager
@@ -126,21 +190,26 @@ def without_required_libraries(architecture: str, libraries: tuple[str, ...]) ->
 
     TL 4.3's Qwen2.5-VL, Qwen3-VL and GLM-4V adapters declare ``required_libraries = ["torchvision"]`` and raise
     ImportError on a CPU install, though only the video processor uses torchvision. Within this context the adapter
-    class lists the libraries minus `libraries`; the class attribute is restored afterwards.
+    class lists the libraries minus `libraries`; the class attribute is restored afterwards (removed again where the
+    class inherits it).
     """
     from transformer_lens.factories import architecture_adapter_factory as factory
 
     adapter = factory.ArchitectureAdapterFactory._adapters.get(architecture) or factory.SUPPORTED_ARCHITECTURES.get(
         architecture)
-    saved = None if adapter is None else adapter.__dict__.get("required_libraries")
-    if saved is None:
+    saved = None if adapter is None else getattr(adapter, "required_libraries", None)
+    if not saved:
         yield
         return
+    own = "required_libraries" in adapter.__dict__  # else inherited (a subclass such as Qwen2VLArchitectureAdapter)
     adapter.required_libraries = [lib for lib in saved if lib not in libraries]
     try:
         yield
     finally:
-        adapter.required_libraries = saved
+        if own:
+            adapter.required_libraries = saved
+        else:
+            del adapter.required_libraries
 
 
 def boot_bridge(name: str, architecture: str | None = None, unused_libraries: tuple[str, ...] = (),

@@ -1,6 +1,6 @@
-"""The Qwen-VL group on tiny random checkpoints (Qwen2.5-VL, Qwen3-VL; `build` also makes Qwen2-VL, not booted):
-knockout through the attention-interface route equals the oracle (both engines, all heads and one head), image
-positions and markers, painted boxes across smart_resize rounding, the flow CLI."""
+"""The Qwen-VL group on tiny random checkpoints (Qwen2-VL, booted through mm-lens's `compat.qwen2_vl_adapter`;
+Qwen2.5-VL; Qwen3-VL): knockout through the attention-interface route equals the oracle (both engines, all heads and
+one head), image positions and markers, painted boxes across smart_resize rounding, the flow CLI."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def build(kind: str, out):
     return path
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def qwen(request, tmp_path_factory):
     from mm_lens.model import load
 

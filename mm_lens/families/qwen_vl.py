@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mm_lens.compat import qwen2_vl_adapter
 from mm_lens.families.base import Family, FeatureCode, KnockoutRoute, grid_codes, processor_without_video
 from mm_lens.routes import install_attention_route
 
@@ -80,13 +81,12 @@ QWEN2_5_VL = Family(
 
 QWEN2_VL = Family(
     name="qwen2_vl", title="Qwen2-VL", model_types=("qwen2_vl",), processor=_processor("Qwen2VLProcessor"),
-    tl_like={"Qwen2VLForConditionalGeneration": "Qwen2_5_VLForConditionalGeneration"},
+    # TL 4.3 ships no Qwen2-VL adapter; its Qwen2.5-VL adapter with the vision MLP as fc1 / fc2 serves it.
+    tl_like={"Qwen2VLForConditionalGeneration": qwen2_vl_adapter},
     layout_note="`<|vision_start|>` `<|image_pad|>` x (h/28)(w/28) `<|vision_end|>`, smart-resized, row-major",
     **_COMMON,
 )
 
-# Qwen2-VL is not registered yet: TL's Qwen2.5-VL adapter maps the vision MLP as gate/up/down, and Qwen2-VL's vision
-# MLP is fc1/fc2 ("'VisionMlp' object has no attribute 'gate_proj'" at boot).
 QWEN3_VL = Family(
     name="qwen3_vl", title="Qwen3-VL", model_types=("qwen3_vl",), processor=_processor("Qwen3VLProcessor"),
     layout_note="`<|vision_start|>` `<|image_pad|>` x (h/32)(w/32) `<|vision_end|>`, smart-resized, row-major",
@@ -95,6 +95,6 @@ QWEN3_VL = Family(
     **_COMMON,
 )
 
-FAMILIES = (QWEN2_5_VL, QWEN3_VL)
+FAMILIES = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
 
 __all__ = ["ATTENTION_INTERFACE", "FAMILIES", "QWEN2_5_VL", "QWEN2_VL", "QWEN3_VL", "qwen_codes", "qwen_pixel_tiles"]
