@@ -105,7 +105,7 @@ def test_image_positions_and_markers(glm, make_image):
     assert [p for p, t in enumerate(types) if t == 1] == inp.regions.positions("Image")
 
 
-@pytest.mark.parametrize("size", [(60, 44), (100, 50), (45, 90)])
+@pytest.mark.parametrize("size", [(60, 44), (100, 50), (45, 90), (200, 150), (30, 30)])  # round, max, min
 def test_related_by_painting(glm, make_image, size):
     _, model = glm
     w, h = size
@@ -151,7 +151,7 @@ def test_flow_cli(glm, tmp_path, make_image):
     check_flow_cli(path, tmp_path, make_image, [(60, 44), (50, 70)])
 
 
-@pytest.mark.parametrize("size", [(60, 44), (100, 50)])
+@pytest.mark.parametrize("size", [(60, 44), (100, 50), (200, 150)])
 def test_layout_is_the_models_packing(glm, make_image, size):
     """The layout's (row, col) of each image position is the model's own: the vision tower's patch coordinates
     (each merged feature is ``merge**2`` consecutive patches), the language model's 3-D mRoPE positions of the
