@@ -1,6 +1,7 @@
-"""The attention-interface route (`mm_lens.routes`): without it, TL's Qwen2.5-VL adapter fires the score hook after
-HF's native attention (post-softmax weights, edits discarded) and mm-lens refuses the model at load; with it, the
-score hook is pre-softmax and an edit reaches the pattern."""
+"""The attention-interface route (`mm_lens.routes`): without it, TL's Qwen2.5-VL adapter (and mm-lens's Qwen2-VL
+subclass of it, `compat.qwen2_vl_adapter`) fires the score hook after HF's native attention (post-softmax weights,
+edits discarded) and mm-lens refuses the model at load; with it, the score hook is pre-softmax and an edit reaches
+the pattern."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import torch
 from test_family_qwen_vl import build
 
 
-@pytest.fixture(scope="module")
-def qwen_path(tmp_path_factory):
-    return build("qwen2_5_vl", tmp_path_factory.mktemp("routes"))
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def qwen_path(request, tmp_path_factory):
+    return build(request.param, tmp_path_factory.mktemp("routes"))
 
 
 def _load_without_route(path, monkeypatch, check=True):
