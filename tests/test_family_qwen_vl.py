@@ -1,6 +1,7 @@
 """The Qwen-VL group on tiny random checkpoints (Qwen2-VL, booted through mm-lens's `compat.qwen2_vl_adapter`;
 Qwen2.5-VL; Qwen3-VL): knockout through the attention-interface route equals the oracle (both engines, all heads and
-one head), image positions and markers, painted boxes across smart_resize rounding, the flow CLI."""
+one head), image positions and markers, painted boxes across smart_resize rounding, the flow CLI; Qwen3-VL's
+DeepStack ablation (`without_deepstack`) against the oracle under the same ablation."""
 
 from __future__ import annotations
 
@@ -127,3 +128,42 @@ def test_knockout_live(qwen):
 def test_flow_cli(qwen, tmp_path, make_image):
     path, _ = qwen
     check_flow_cli(path, tmp_path, make_image, [(60, 44), (50, 70)])
+
+
+def test_without_deepstack(qwen, make_image):
+    """The ablation drops DeepStack's additions (= its mergers' outputs zeroed), knockouts under it still equal the
+    oracle under it, it is undone on exit, and a model without DeepStack is refused."""
+    from mm_lens.errors import MMLensError
+    from mm_lens.families.qwen_vl import without_deepstack
+    from mm_lens.inputs import prepare
+
+    path, model = qwen
+    if model.model_type != "qwen3_vl":
+        with pytest.raises(MMLensError, match="no DeepStack"):
+            with without_deepstack(model):
+                pass
+        return
+    inp = prepare(model, make_image(60, 44), "Is the cube red or blue ?", protocol="checkpoint",
+                  spans={"True Option": "red"})
+    ids, kwargs = inp.forward_args()
+    mergers = model.hf_model.model.visual.deepstack_merger_list
+    with torch.inference_mode():
+        clean = model.bridge(ids, **kwargs)[0, -1]
+        with without_deepstack(model):
+            ablated = model.bridge(ids, **kwargs)[0, -1]
+        handles = [m.register_forward_hook(lambda mod, a, out: torch.zeros_like(out)) for m in mergers]
+        try:
+            zeroed = model.bridge(ids, **kwargs)[0, -1]
+        finally:
+            for h in handles:
+                h.remove()
+        again = model.bridge(ids, **kwargs)[0, -1]
+    moved = float((ablated - clean).abs().max())
+    print(model.model_type, "without DeepStack: logits move", moved)
+    assert moved > 1e-4
+    assert torch.allclose(ablated, zeroed, atol=1e-6)
+    assert torch.equal(again, clean)
+    plain = plain_model(str(path))
+    with without_deepstack(model), without_deepstack(plain):
+        worst = check_knockout_oracle(model, plain, inp, ["Image->Question", "Image->Last"], [range(0, 2)])
+    print(model.model_type, "without DeepStack", worst)

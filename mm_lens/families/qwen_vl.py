@@ -11,12 +11,15 @@ attention-interface route (`mm_lens.routes`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import inspect
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
 from mm_lens.compat import qwen2_vl_adapter
+from mm_lens.errors import MMLensError
 from mm_lens.families.base import Family, FeatureCode, KnockoutRoute, grid_codes, processor_without_video
 from mm_lens.routes import install_attention_route
 
@@ -95,6 +98,40 @@ QWEN3_VL = Family(
     **_COMMON,
 )
 
+@contextlib.contextmanager
+def without_deepstack(model: Any) -> Iterator[None]:
+    """Within this context Qwen3-VL's language model runs without DeepStack: an ablation of the visual features
+    HF's forward adds to the residual stream at the image positions of its first layers.
+
+    That addition is not attention, so a knockout does not cut it: ``Image->Question`` cuts the question's attention
+    to the image, but the image positions still receive the DeepStack features (and later layers read them there).
+    Inside this context they receive none; the image's input embeddings (the merger's output) stay. Every forward
+    through the model goes without them (the bridge, both engines, `mm_lens.sweep`, the flow analysis).
+    `model`: a loaded model (`mm_lens.model.load`) or the HF ``Qwen3VLForConditionalGeneration`` itself; a model
+    without DeepStack is refused. A forward pre-hook on the language model passes ``deepstack_visual_embeds=None``
+    and is removed on exit.
+
+    >>> with without_deepstack(model):
+    ...     probs = fast_engine(model, inp, edges, windows, token)
+    """
+    hf = getattr(model, "hf_model", model)
+    language_model = getattr(getattr(hf, "model", None), "language_model", None)
+    if language_model is None or "deepstack_visual_embeds" not in inspect.signature(language_model.forward).parameters:
+        raise MMLensError(f"{type(hf).__name__} has no DeepStack (its language model takes no deepstack_visual_embeds)")
+
+    def drop(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if kwargs.get("deepstack_visual_embeds") is None:
+            return None
+        return args, {**kwargs, "deepstack_visual_embeds": None}
+
+    handle = language_model.register_forward_pre_hook(drop, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 FAMILIES = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
 
-__all__ = ["ATTENTION_INTERFACE", "FAMILIES", "QWEN2_5_VL", "QWEN2_VL", "QWEN3_VL", "qwen_codes", "qwen_pixel_tiles"]
+__all__ = ["ATTENTION_INTERFACE", "FAMILIES", "QWEN2_5_VL", "QWEN2_VL", "QWEN3_VL", "qwen_codes", "qwen_pixel_tiles",
+           "without_deepstack"]
