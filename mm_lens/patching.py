@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -179,6 +179,16 @@ def _resid_mid_hooks(layer: int, rows: Tensor, poss: Tensor, clean_mid: Tensor):
     return [(site_hook(layer, "resid_pre"), read_pre), (site_hook(layer, "attn_out"), write_attn)]
 
 
+def _copies(value: Any, n: int) -> Any:
+    """`n` copies of one input's model argument, as the processor batches `n` equal samples: every tensor
+    concatenated `n` times along its first dimension, whether that is the batch (``input_ids``,
+    ``pixel_values`` of shape ``[1, tiles, ...]``) or a list of images, tiles or patches of all samples
+    (``pixel_values`` of ``[tiles, ...]`` or ``[patches, dim]``, ``image_grid_thw``); anything else unchanged."""
+    if not torch.is_tensor(value):
+        return value
+    return value.repeat(n, *([1] * (value.dim() - 1)))
+
+
 def _last_probs(model: HookedLlava, logits: Tensor, inp: MultimodalInput) -> Float[Tensor, "batch vocab"]:
 
     return vocab_softmax(logits[:, -1], inp.vocab_size(model))
@@ -249,7 +259,7 @@ def patching_sweep(
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
             n = len(chunk)
-            batch_kw = {k: v.expand(n, *v.shape[1:]) if torch.is_tensor(v) else v for k, v in kw.items()}
+            batch_kw = {k: _copies(v, n) for k, v in kw.items()}
             out = bridge.run_with_hooks(
                 ids.expand(n, -1), fwd_hooks=_patch_hooks(chunk, site, stored), logits_to_keep=1, **batch_kw
             )
