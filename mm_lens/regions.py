@@ -25,6 +25,13 @@ run on coded inputs, e.g. LLaVA-NeXT's ``pack_image_features`` on features that 
 agrees with transformers by construction). Each pair is an `ImageToken`; a `RegionMap` holds them and the text
 positions, and is the only place that turns names into positions (`RegionMap.positions`).
 `mm_lens.inputs.prepare` builds it for an (image, question).
+
+What a knockout of a region cuts is attention, and only attention. On Qwen3-VL the ``Image`` positions also
+receive visual features outside attention: DeepStack adds the vision tower's intermediate features to the
+residual stream at those positions in the first language layers, inside HF's forward. ``Image->Question`` cuts the
+question's attention to the image positions in the window; it does not stop the image positions from holding the
+DeepStack features, nor later layers from reading them there outside the window. The ablation that removes them
+as well is `mm_lens.families.qwen_vl.without_deepstack`.
 """
 
 from __future__ import annotations

@@ -186,8 +186,10 @@ class Family:
     * ``image_full_forward``: why positions before a target inside the image are not clean, when they are not
       (Gemma 3's image features attend to each other both ways; Qwen3-VL's DeepStack adds visual features at the
       image positions of early layers inside HF's forward): the fast engine runs such blocks as full forwards.
-    * ``tl_like`` / ``unused_libraries``: the TL architecture whose adapter serves this one when TL ships none,
-      and the libraries its adapter declares but the language-model path never uses (`mm_lens.compat`).
+    * ``tl_like`` / ``unused_libraries``: what serves this architecture when TL ships no adapter for it (a TL
+      architecture whose adapter fits as is, an adapter class, or a function returning one:
+      `mm_lens.compat.register_tl_adapter`), and the libraries its adapter declares but the language-model path
+      never uses (`mm_lens.compat.without_required_libraries`).
     * ``route``: how the knockout reaches the attention scores (`KnockoutRoute`).
     """
 
@@ -201,7 +203,8 @@ class Family:
     base_tile: Callable[[Any], int] = default_base_tile
     pixel_tiles: Callable[[Mapping[str, Any]], Tensor] = pixel_tiles
     image_full_forward: str = ""
-    tl_like: Mapping[str, str] | None = None  # architecture -> the TL architecture whose adapter serves it
+    #: architecture -> the TL architecture whose adapter serves it, or an adapter class, or a function returning one
+    tl_like: Mapping[str, str | type | Callable[[], type]] | None = None
     unused_libraries: tuple[str, ...] = ()
     route: KnockoutRoute = TL_SCORES
     #: The string the chat template puts where the image goes, when it is not ``processor.image_token``.
