@@ -27,7 +27,7 @@ import test_family_qwen_vl
 from family_checks import write_dataset
 
 REL = 1e-5
-SIZE = (32, 32)  # every image: the smallest each processor takes (the processors resize anyway)
+SIZE = (48, 32)  # every image: small, and wide enough to make several tiles / crops where the family tiles
 QUESTION = "Is the cube red or blue ?"
 
 
@@ -152,6 +152,9 @@ def test_lens_api(tiny):
     assert torch.allclose(probs[-1], top, rtol=1e-4, atol=1e-6), "the top lens point is not the model's output"
     moved = float((probs[0] - probs[-1]).abs().sum()) / 2  # total variation between the first and last point
     assert moved > 1e-3, f"the lens does not move across layers (total variation {moved:.2g})"
+    raw = layer_probs(model, inp, "raw")  # the study's readout: the embeddings up, no final norm below the top
+    assert raw.shape[0] == model.n_layers + 1 and torch.isfinite(raw).all()
+    assert torch.allclose(raw[-1], top, rtol=1e-4, atol=1e-6)
     table = answer_lens(model, inp, answer_forms("blue", "red"))
     assert len(table) == model.n_layers * 4 and set(table.form) == {
         "answer_lower", "answer_capitalized", "false_option_lower", "false_option_capitalized"}
@@ -174,8 +177,7 @@ def test_patching_api(tiny):
     from mm_lens.patching import patching_sweep
 
     model = tiny.model
-    wide = (2 * SIZE[0], SIZE[1])  # several tiles / crops where the family tiles
-    clean, corrupt = tiny.prepare(tiny.make_image(*wide, seed=13)), tiny.prepare(tiny.make_image(*wide, seed=14))
+    clean, corrupt = tiny.prepare(), tiny.prepare(tiny.other)
     layers = [0, model.n_layers - 1]
     table = patching_sweep(model, clean, corrupt, "Image", layers=layers)
     assert list(table.layer) == layers
@@ -196,7 +198,7 @@ def test_heads_api(tiny):
 
     model, inp = tiny.model, tiny.prepare()
     layers = [0, 1]
-    table = head_sweep(model, inp, "Image->Last", layers=layers)
+    table = head_sweep(model, inp, "Image->Last", layers=layers, question_id="q0")
     assert len(table) == len(layers) * n_heads(model)
     assert np.isfinite(table[["base_prob", "knockout_prob", "relative_change_pct"]].to_numpy()).all()
     assert table.base_prob.nunique() == 1
@@ -204,6 +206,8 @@ def test_heads_api(tiny):
     ref = head_sweep(model, inp, "Image->Last", layers=layers, heads=[0], engine="reference")
     fast = table[table["head"] == 0].reset_index(drop=True)
     assert np.allclose(ref.knockout_prob, fast.knockout_prob, rtol=REL, atol=0), "head 0: engines disagree"
+    tiny.results.mkdir(parents=True, exist_ok=True)
+    table.to_csv(tiny.results / "heads.csv", index=False)  # drawn by the report (test_report_cli)
 
 
 def test_image_lens_api(tiny):
@@ -220,6 +224,8 @@ def test_image_lens_api(tiny):
     by_layer = result.words.pivot_table(index=["position", "word"], columns="layer", values="prob")
     moved = ((by_layer[0] - by_layer[last]).abs() / by_layer[last]).max()
     assert moved > 1e-3, f"the image-token lens does not move across layers (relative {moved:.2g})"
+    tiny.results.mkdir(parents=True, exist_ok=True)
+    result.top.to_csv(tiny.results / "image_lens.csv", index=False)  # drawn by the report (test_report_cli)
 
 
 # --------------------------------------------------------------------------------------------- CLI commands
@@ -275,14 +281,15 @@ def test_flow_engines_agree(tiny):
 
 
 def test_report_cli(tiny):
+    from mm_lens.analyses import ANALYSES
     from mm_lens.cli import main
 
-    present = sorted(p.stem for p in tiny.results.glob("*.csv") if p.stem in {
-        "flow", "lens", "attention", "patching", "maps"})
-    assert present, "no results to report"
+    present = [name for name in ANALYSES if (tiny.results / f"{name}.csv").is_file()]
+    assert present == list(ANALYSES), f"the earlier tests left only {present} to report"
     assert main(["report", str(tiny.results)]) == 0
     html = (tiny.results / "report.html").read_text(encoding="utf-8")
-    assert len(html) > 1000
+    missing = [name for name in present if ANALYSES[name].title not in html]
+    assert not missing, f"the report draws no figure of {missing}"
 
 
 def test_study_cli(tiny, make_image):
