@@ -87,14 +87,17 @@ def test_knockout_equals_oracle(gemma3, plain, make_image):
 
 def test_knockout_inside_the_bidirectional_image(gemma3, plain, make_image):
     """A target inside the image changes positions before it (they see it both ways): the fast engine must not
-    reuse a clean prefix there, and both engines equal the oracle."""
+    reuse a clean prefix there, nor run a suffix that holds the image (a target before it), and both engines equal
+    the oracle."""
     from mm_lens.engines import fast_engine, reference_engine
     from mm_lens.knockout import Edge, edge_positions
 
     inp = _inp(gemma3, make_image(40, 32))
     image = inp.regions.positions("Image")
+    boi = min(inp.regions.markers)  # <start_of_image>, before the image: a suffix from it would hold the image
     edges = [Edge(source="Image", target="Image", source_positions=(image[0],), target_positions=(image[8],)),
-             Edge(source="Image", target="Image", source_positions=tuple(image[8:]), target_positions=(image[2],))]
+             Edge(source="Image", target="Image", source_positions=tuple(image[8:]), target_positions=(image[2],)),
+             Edge(source="Text", target="Image Markers", source_positions=tuple(range(boi)), target_positions=(boi,))]
     windows = [range(0, 4), range(1, 3)]
     n_vocab = inp.vocab_size(gemma3)
     input_ids, kwargs = inp.forward_args()
