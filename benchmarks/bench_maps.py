@@ -101,7 +101,8 @@ def _run_worker(ckpt: Path, engine: str, threads: int, sample: int | None) -> di
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=[name for name in SHAPES if name != "tiny"], default="default",
+    llava = [name for name, shape in SHAPES.items() if shape[0] == "llava" and name != "tiny"]
+    p.add_argument("--shape", choices=llava, default="default",
                    help="language-model shape (default: 8 layers, d_model 512; see bench_engine.py)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true",
@@ -114,7 +115,7 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         return worker(a.ckpt, a.worker, a.threads, a.sample)
-    layers, d_model, heads, mlp, vocab = SHAPES["tiny" if a.tiny else a.shape]
+    _, layers, d_model, heads, mlp, vocab = SHAPES["tiny" if a.tiny else a.shape]
     sample = a.quick_groups if a.quick else None
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "bench-llava"

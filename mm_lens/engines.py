@@ -23,13 +23,16 @@ its target positions at the layers of its window, so
 Where a family's image features attend to each other both ways (Gemma 3 with ``token_type_ids``), positions before a
 target inside the image see it, and where HF's forward adds features at image positions itself (Qwen3-VL's
 DeepStack), a suffix run cannot replay them; the premise fails there, so blocks whose first target lies in such a
-span (`RegionMap.full_forward_spans`) run as full forwards, exactly as the reference engine runs them.
+span or before its end (`RegionMap.full_forward_spans`) run as full forwards, exactly as the reference engine runs
+them.
 
-For Llama-family language models (LLaVA-1.5 and LLaVA-NeXT's Vicuna, Mistral and Llama-3) the suffix runs on the
-bridge's own modules, layer by layer, without the bridge's per-module dispatch: the same norms, projections, rotary
-embeddings and MLPs, the attention written out as the bridge writes it (scores, causal mask, the knockout hook point,
-softmax in float32, values), the prefix's keys and values shared by all rows rather than copied per row. Other
-language models run the suffix through the bridge itself, with the prefix as a KV cache. Rows are batched so that
+For language models with Llama-family layers (LLaVA-1.5 and LLaVA-NeXT's Vicuna, Mistral and Llama-3; Idefics3's
+Llama and Mistral 3's Mistral; the Qwen2 of OneVision, InternVL, Qwen2-VL and Qwen2.5-VL, whose biases and 3-D mRoPE
+positions the layer takes as HF does) the suffix runs on the bridge's own modules, layer by layer, without the
+bridge's per-module dispatch: the same norms, projections, rotary embeddings and MLPs, the attention written out as
+the bridge writes it (scores, causal mask, the knockout hook point, softmax in float32, values), the prefix's keys
+and values shared by all rows rather than copied per row. Other language models (Gemma 3, Qwen3-VL, GLM-4V) run the
+suffix through the bridge itself, with the prefix as a KV cache: every layer, for every row. Rows are batched so that
 the batch's activations stay within a memory budget (by default half the model's size).
 """
 
@@ -142,7 +145,13 @@ class _Layer(NamedTuple):
     scale_queries: bool  # scaling is a power of two
 
 
-_LLAMA_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer")
+#: HF decoder layers with the Llama layer's arithmetic (norm, q/k/v with optional biases, RoPE, gated MLP, norm);
+#: Qwen2-VL and Qwen2.5-VL's rotary embedding merges its three mRoPE sections itself, from 3-D position ids.
+_LLAMA_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen2VLDecoderLayer",
+                 "Qwen2_5_VLDecoderLayer")
+#: The bridge's attention components whose arithmetic the layer path writes out: TL's own (TL computes the
+#: attention), and the native one under mm-lens's attention-interface route (`mm_lens.routes`: eager attention).
+_ATTENTION_BRIDGES = ("PositionEmbeddingsAttentionBridge", "AttentionBridge")
 
 
 def _raw(module: Any) -> Any:
@@ -178,7 +187,7 @@ class _Stack:
         self.n_kv = self.layers[0].wk.shape[0] // self.head_dim
         self.norm = _raw(bridge.ln_final)
         self.unembed = _raw(bridge.unembed)
-        self.rotary = _raw(bridge.rotary_emb)
+        self.rotary = _rotary(bridge)
 
     @staticmethod
     def of(model: HookedLlava) -> _Stack | None:
@@ -190,8 +199,7 @@ class _Stack:
             for block in bridge.blocks:
                 hf_layer, attn, mlp = block.original_component, block.attn, _raw(block.mlp)
                 hf_attn = attn.original_component
-                if (type(hf_layer).__name__ not in _LLAMA_LAYERS
-                        or type(attn).__name__ != "PositionEmbeddingsAttentionBridge"):
+                if type(hf_layer).__name__ not in _LLAMA_LAYERS or type(attn).__name__ not in _ATTENTION_BRIDGES:
                     return None
                 if set(attn.submodules) != {"q", "k", "v", "o"} or getattr(attn, "_use_processed_weights", False):
                     return None
@@ -215,9 +223,15 @@ class _Stack:
         except AttributeError:
             return None
 
-    def rope(self, embeds: Tensor, start: int) -> tuple[Tensor, Tensor]:
-        """cos, sin ``[1, 1, suffix, d_head]`` for positions ``start..``, as the HF model computes them."""
-        positions = torch.arange(start, embeds.shape[1], device=embeds.device)[None]
+    def rope(self, embeds: Tensor, start: int, position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """cos, sin ``[1, 1, suffix, d_head]`` for positions ``start..``, as the HF model computes them.
+
+        `position_ids` are the prompt's 3-D mRoPE position ids ``[3, 1, pos]`` where the model has them (Qwen-VL).
+        """
+        if position_ids is not None:
+            positions = position_ids[:, :, start:]
+        else:
+            positions = torch.arange(start, embeds.shape[1], device=embeds.device)[None]
         cos, sin = self.rotary(embeds[:, start:], positions)
         if cos.shape[-1] != self.head_dim:
             raise MMLensError("partial rotary embeddings are not supported by the fast path")
@@ -288,6 +302,19 @@ class _Stack:
         return self.unembed(self.norm(last))
 
 
+def _rotary(bridge: Any) -> Any:
+    """The language model's rotary embedding: the bridge's component, else the HF text model's own module."""
+    rotary = getattr(bridge, "rotary_emb", None)
+    if rotary is not None:
+        return _raw(rotary)
+    for module in bridge.original_model.modules():  # the text model: holds the decoder layers and the rotary
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) == len(bridge.blocks) and hasattr(
+                module, "rotary_emb"):
+            return module.rotary_emb
+    raise AttributeError("no rotary embedding found for the language model")
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -353,7 +380,7 @@ def _run_stack(stack: _Stack, clean: CleanPass, start: int, rows: Sequence[_Row]
     embeds = clean.embeds
     seq, n_layers = embeds.shape[1], len(stack.layers)
     suffix = seq - start
-    cos, sin = stack.rope(embeds, start)
+    cos, sin = stack.rope(embeds, start, clean.position_ids)
     causal = torch.ones(suffix, suffix, dtype=torch.bool, device=embeds.device).tril_().logical_not_()
     firsts = [row.first for row in rows]
     plan, hooks = [], []
@@ -442,7 +469,9 @@ def fast_engine(
                 continue
             hook = KnockoutHook([(targets, sources)], [str(block)], heads=heads, check=False)
             start = min(int(t) for t in targets)
-            if any(lo <= start < hi for lo, hi in getattr(inp.regions, "full_forward_spans", ())):
+            # A target inside such a span, or before its end (the suffix would then hold span positions a suffix run
+            # cannot compute: Gemma 3's image block both ways, Qwen3-VL's DeepStack additions), has no clean prefix.
+            if any(start < hi for _, hi in getattr(inp.regions, "full_forward_spans", ())):
                 exact.append(b)
                 continue
             for w, layers in enumerate(windows):
@@ -558,7 +587,8 @@ def reference_engine(
     with torch.inference_mode():
         for b, w in tqdm(jobs, desc="knockout", unit="fwd", leave=False, disable=not progress):
             hooks = block_hooks(inp.regions, blocks[b], windows[w], heads=heads)
-            logits = model.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, **kwargs)
+            # The unembedding of the last position only: the earlier positions' logits are never read.
+            logits = model.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, logits_to_keep=1, **kwargs)
             out[b, w] = vocab_softmax(logits[0, -1], n_vocab)[token]
     return out
 

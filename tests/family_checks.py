@@ -24,14 +24,15 @@ from oracle import knockout_probability
 REL = 1e-5
 
 
-def check_knockout_oracle(model: Any, plain: Any, inp: Any, blocks: Sequence[str], windows: Sequence[range],
+def check_knockout_oracle(model: Any, plain: Any, inp: Any, blocks: Sequence[Any], windows: Sequence[range],
                           heads: Sequence[int] | None = None, token: int | None = None) -> dict[str, float]:
     """Both engines against the oracle on every (block, window); returns the largest relative differences and the
-    largest relative move of the probability by a knockout."""
-    from mm_lens.engines import fast_engine, reference_engine
-    from mm_lens.knockout import edge_positions, parse_edge
+    largest relative move of the probability by a knockout. Where the fast engine runs the language model layer
+    by layer, its bridge path is checked too (``fast_bridge``)."""
+    from mm_lens.engines import _Stack, fast_engine, reference_engine
+    from mm_lens.knockout import Edge, edge_positions, parse_edge
 
-    edges = [parse_edge(b, inp.regions.spans) for b in blocks]
+    edges = [b if isinstance(b, Edge) else parse_edge(b, inp.regions.spans) for b in blocks]
     n_vocab = inp.vocab_size(model)
     input_ids, kwargs = inp.forward_args()
     with torch.inference_mode():
@@ -40,14 +41,17 @@ def check_knockout_oracle(model: Any, plain: Any, inp: Any, blocks: Sequence[str
         token = int(clean_logits.argmax())
     clean = float(clean_logits[:n_vocab].float().softmax(-1)[token]) if n_vocab else float(
         clean_logits.float().softmax(-1)[token])
-    fast = fast_engine(model, inp, edges, windows, token, heads=heads)
-    ref = reference_engine(model, inp, edges, windows, token, heads=heads)
-    worst = {"fast": 0.0, "reference": 0.0, "moved": 0.0}
+    got_by = {"fast": fast_engine(model, inp, edges, windows, token, heads=heads),
+              "reference": reference_engine(model, inp, edges, windows, token, heads=heads)}
+    if _Stack.of(model) is not None:
+        got_by["fast_bridge"] = fast_engine(model, inp, edges, windows, token, heads=heads, path="bridge")
+    worst = dict.fromkeys([*got_by, "moved"], 0.0)
     for b, edge in enumerate(edges):
         pairs = [edge_positions(inp.regions, edge)]
         for w, window in enumerate(windows):
             want = knockout_probability(plain, inp, pairs, window, token, heads=heads, vocab_size=n_vocab)
-            for name, got in (("fast", fast[b, w]), ("reference", ref[b, w])):
+            for name, probs in got_by.items():
+                got = probs[b, w]
                 diff = abs(float(got) - want) / max(abs(want), 1e-30)
                 assert diff <= REL, f"{name} engine {edge} at {list(window)}: {float(got):.8g} vs oracle {want:.8g}"
                 worst[name] = max(worst[name], diff)
