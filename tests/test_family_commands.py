@@ -152,9 +152,13 @@ def test_lens_api(tiny):
     assert torch.allclose(probs[-1], top, rtol=1e-4, atol=1e-6), "the top lens point is not the model's output"
     moved = float((probs[0] - probs[-1]).abs().sum()) / 2  # total variation between the first and last point
     assert moved > 1e-3, f"the lens does not move across layers (total variation {moved:.2g})"
-    raw = layer_probs(model, inp, "raw")  # the study's readout: the embeddings up, no final norm below the top
-    assert raw.shape[0] == model.n_layers + 1 and torch.isfinite(raw).all()
-    assert torch.allclose(raw[-1], top, rtol=1e-4, atol=1e-6)
+    from mm_lens.protocol import LensReadout
+
+    raw = layer_probs(model, inp, "raw")  # no final norm below the top: other distributions there, same top
+    assert raw.shape == probs.shape and torch.isfinite(raw).all() and torch.allclose(raw[-1], top, atol=1e-6)
+    assert float((raw[0] - probs[0]).abs().sum()) > 1e-3, "the raw readout equals the normed one below the top"
+    study = layer_probs(model, inp, LensReadout(from_embeddings=True, final_norm=False))  # the study's points
+    assert study.shape[0] == model.n_layers + 1 and torch.allclose(study[-1], top, rtol=1e-4, atol=1e-6)
     table = answer_lens(model, inp, answer_forms("blue", "red"))
     assert len(table) == model.n_layers * 4 and set(table.form) == {
         "answer_lower", "answer_capitalized", "false_option_lower", "false_option_capitalized"}
@@ -181,16 +185,17 @@ def test_patching_api(tiny):
     layers = [0, model.n_layers - 1]
     table = patching_sweep(model, clean, corrupt, "Image", layers=layers)
     assert list(table.layer) == layers
-    one = patching_sweep(model, clean, corrupt, "Image", layers=layers, batch_size=1)
-    assert np.allclose(table.prob, one.prob, rtol=REL, atol=1e-9), "a batch of patched runs differs from one run"
+    one = patching_sweep(model, clean, corrupt, "Image", layers=layers[:1], batch_size=1)
+    assert np.allclose(table.prob[:1], one.prob, rtol=REL, atol=1e-9), "a batch of patched runs differs from one run"
     assert np.isfinite(table[["prob", "clean_prob", "corrupt_prob"]].to_numpy()).all()
     c, k = float(table.clean_prob.iloc[0]), float(table.corrupt_prob.iloc[0])
     assert abs(c - k) > 1e-6 * max(c, k), "the two images give the same answer probability: vacuous"
     first = float(table.prob.iloc[0])
     assert abs(first - c) < abs(k - c), "patching the image at layer 0 does not move the answer toward the clean one"
-    per = patching_sweep(model, clean, corrupt, "Image", layers=[0], per_position=True)
-    assert len(per) == len(clean.regions.image_positions)
-    assert set(per.position) == set(clean.regions.image_positions)
+    some = clean.regions.image_positions[:: max(1, len(clean.regions.image_positions) // 3)][:3]
+    per = patching_sweep(model, clean, corrupt, some, layers=[0], per_position=True)
+    assert list(per.position) == some and np.isfinite(per.prob).all()
+    assert (per.prob != per.corrupt_prob).any(), "patching one image position moved nothing"
 
 
 def test_heads_api(tiny):
@@ -253,10 +258,10 @@ def test_patching_cli(tiny):
 
 
 def test_maps_cli(tiny):
-    out = tiny.cli("maps", "--target", "Last", "--layers", "0:2", "--group", "2", "--all-samples",
+    out = tiny.cli("maps", "--target", "Last", "--layers", "0:2", "--group", "2", "--all-samples", "--limit", "1",
                    "--method", "knockout,attention,gradient")
     table = _table(out / "maps.csv", ["value", "x0", "y0", "x1", "y1"])
-    assert set(table.method) == {"knockout", "attention", "gradient"} and table.question_id.nunique() == 2
+    assert set(table.method) == {"knockout", "attention", "gradient"} and table.question_id.nunique() == 1
     knock = table[table.method == "knockout"]
     assert knock.value.abs().max() > 1e-6, "no patch group's knockout moved the answer"
 
@@ -264,12 +269,12 @@ def test_maps_cli(tiny):
 def test_flow_engines_agree(tiny):
     runs = {}
     for engine in ("reference", "fast"):
-        out = tiny.cli("flow", "--block", "Image->Last", "--block", "Question->Last", "--window", "2",
+        out = tiny.cli("flow", "--block", "Image->Last", "--window", "2",
                        "--all-samples", "--limit", "1", "--engine", engine, out=tiny.root / f"flow-{engine}")
         runs[engine] = _table(out / "flow.csv", ["layer", "base_prob", "knockout_prob"]).sort_values(
             ["question_id", "block", "layer"], ignore_index=True)
     ref, fast = runs["reference"], runs["fast"]
-    assert len(ref) == 2 * tiny.model.n_layers
+    assert len(ref) == tiny.model.n_layers
     assert list(ref[["question_id", "block", "layer"]].itertuples(index=False)) == list(
         fast[["question_id", "block", "layer"]].itertuples(index=False))
     assert np.allclose(fast.knockout_prob, ref.knockout_prob, rtol=REL, atol=0)
@@ -277,7 +282,8 @@ def test_flow_engines_agree(tiny):
     assert (ref.relative_change_pct.abs() > 1e-4).any(), "no knockout moved the answer: the equality is vacuous"
     import shutil
 
-    shutil.copy(tiny.root / "flow-fast" / "flow.csv", tiny.results / "flow.csv")
+    tiny.results.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny.root / "flow-fast" / "flow.csv", tiny.results / "flow.csv")  # for test_report_cli
 
 
 def test_report_cli(tiny):
