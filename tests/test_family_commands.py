@@ -255,6 +255,11 @@ def test_patching_cli(tiny):
     table = _table(out / "patching.csv", ["layer", "prob", "clean_prob", "corrupt_prob"])
     assert table.question_id.nunique() == 2 and table.layer.nunique() == tiny.model.n_layers
     assert (table.clean_prob != table.corrupt_prob).any()
+    out = tiny.cli("patching", "--pairs", "options", "--region", "True Option", "--region", "False Option",
+                   "--site", "attn_out", out=tiny.root / "patching-options")
+    table = _table(out / "patching.csv", ["layer", "prob", "clean_prob", "corrupt_prob"])
+    assert set(table.question_id) == {"q0"}, "the row with options is the one the options pairs patch"
+    assert set(table.region) == {"True Option", "False Option"} and set(table.site) == {"attn_out"}
 
 
 def test_maps_cli(tiny):
