@@ -26,20 +26,23 @@ DeepStack), a suffix run cannot replay them; the premise fails there, so blocks 
 span or before its end (`RegionMap.full_forward_spans`) run as full forwards, exactly as the reference engine runs
 them.
 
-For language models with Llama-family layers (LLaVA-1.5 and LLaVA-NeXT's Vicuna, Mistral and Llama-3; Idefics3's
-Llama and Mistral 3's Mistral; the Qwen2 of OneVision, InternVL, Qwen2-VL and Qwen2.5-VL, whose biases and 3-D mRoPE
-positions the layer takes as HF does) the suffix runs on the bridge's own modules, layer by layer, without the
-bridge's per-module dispatch: the same norms, projections, rotary embeddings and MLPs, the attention written out as
-the bridge writes it (scores, causal mask, the knockout hook point, softmax in float32, values), the prefix's keys
-and values shared by all rows rather than copied per row. Other language models (Gemma 3, Qwen3-VL, GLM-4V) run the
-suffix through the bridge itself, with the prefix as a KV cache: every layer, for every row. Rows are batched so that
-the batch's activations stay within a memory budget (by default half the model's size).
+For language models whose layers have the Llama layer's arithmetic (LLaVA-1.5 and LLaVA-NeXT's Vicuna, Mistral and
+Llama-3; Idefics3's Llama and Mistral 3's Mistral; the Qwen2 of OneVision, InternVL, Qwen2-VL and Qwen2.5-VL, with
+their biases and 3-D mRoPE positions; Qwen3-VL's text model and Gemma 3, with per-head query/key norms, Gemma 3's
+sandwich norms, and its sliding-window layers with their own rotary embedding) the suffix runs on the bridge's own
+modules, layer by layer, without the bridge's per-module dispatch: the same norms, projections, rotary embeddings
+and MLPs, the attention written out as the bridge writes it (scores, causal and sliding-window masks, the knockout
+hook point, softmax in float32, values), the prefix's keys and values shared by all rows rather than copied per
+row. Other language models (GLM-4V's) run the suffix through the bridge itself, with the prefix as a KV cache: every
+layer, for every row. Rows are batched so that the batch's activations stay within a memory budget (by default half
+the model's size).
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import inspect
 import math
 import weakref
 from collections.abc import Sequence
@@ -109,14 +112,20 @@ def clean_pass(model: HookedLlava, inp: MultimodalInput) -> CleanPass:
     handle = lm.register_forward_pre_hook(grab_positions, with_kwargs=True) if lm is not None else None
     try:
         with torch.inference_mode():
+            # A cache of full layers: a model's own cache keeps only the last window of a sliding-window layer
+            # (Gemma 3's local layers), and every later run needs the prefix's keys and values whole.
             logits, cache = model.bridge.run_with_hooks(
-                input_ids, fwd_hooks=hooks, return_type="logits_and_cache", logits_to_keep=1, **kwargs
+                input_ids, fwd_hooks=hooks, return_type="logits_and_cache", logits_to_keep=1,
+                past_key_values=DynamicCache(), **kwargs
             )
     finally:
         if handle is not None:
             handle.remove()
     kv = [(layer.keys, layer.values) for layer in cache.layers]
     stream = [resid[layer] for layer in range(model.n_layers)]
+    if any(k.shape[2] != stream[0].shape[1] for k, _ in kv):
+        raise MMLensError("the clean pass's cache does not hold every position's keys and values; run the sweep "
+                          "with --engine reference")
     return CleanPass(stream[0], kv, logits[0, -1], cache, stream, positions.get("ids"))
 
 
@@ -143,12 +152,20 @@ class _Layer(NamedTuple):
     hook: Any  # the bridge's HookPoint ``blocks.{l}.attn.hook_attn_scores``
     scaling: float
     scale_queries: bool  # scaling is a power of two
+    q_norm: Any = None  # per-head RMSNorm of queries / keys before RoPE (Gemma 3, Qwen3-VL), else None
+    k_norm: Any = None
+    post_attn_norm: Any = None  # Gemma 3's sandwich norms: after the attention and after the MLP, else None
+    post_mlp_norm: Any = None
+    rope_type: str | None = None  # the rotary embedding's layer type (Gemma 3: sliding vs full attention)
+    window: int | None = None  # sliding-window length of this layer's attention (None: full)
 
 
 #: HF decoder layers with the Llama layer's arithmetic (norm, q/k/v with optional biases, RoPE, gated MLP, norm);
 #: Qwen2-VL and Qwen2.5-VL's rotary embedding merges its three mRoPE sections itself, from 3-D position ids.
 _LLAMA_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen2VLDecoderLayer",
-                 "Qwen2_5_VLDecoderLayer")
+                 "Qwen2_5_VLDecoderLayer", "Qwen3VLTextDecoderLayer", "Gemma3DecoderLayer")
+#: Decoder layers with sandwich norms: (input, after attention, before MLP, after MLP); the others take two.
+_SANDWICH = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 #: The bridge's attention components whose arithmetic the layer path writes out: TL's own (TL computes the
 #: attention), and the native one under mm-lens's attention-interface route (`mm_lens.routes`: eager attention).
 _ATTENTION_BRIDGES = ("PositionEmbeddingsAttentionBridge", "AttentionBridge")
@@ -169,17 +186,26 @@ class _Stack:
 
     def __init__(self, model: HookedLlava):
         bridge = model.bridge
+        self.rotary = _rotary(bridge)
+        typed_rope = "layer_type" in inspect.signature(self.rotary.forward).parameters  # Gemma 3: one per type
         self.layers: list[_Layer] = []
         for block in bridge.blocks:
-            attn, mlp = block.attn, _raw(block.mlp)
+            attn, mlp, hf_layer = block.attn, _raw(block.mlp), block.original_component
+            hf_attn = attn.original_component
             lin = {name: _raw(getattr(attn, name)) for name in ("q", "k", "v", "o")}
+            sandwich = all(hasattr(hf_layer, name) for name in _SANDWICH)
+            norms = ([_raw(getattr(hf_layer, name)) for name in _SANDWICH] if sandwich
+                     else [_raw(block.ln1), None, _raw(block.ln2), None])
+            qk_norm = [_raw(getattr(attn, name)) if name in attn.submodules else None for name in ("q_norm", "k_norm")]
             self.layers.append(_Layer(
-                _raw(block.ln1), _raw(block.ln2),
+                norms[0], norms[2],
                 lin["q"].weight, lin["q"].bias, lin["k"].weight, lin["k"].bias,
                 lin["v"].weight, lin["v"].bias, lin["o"].weight, lin["o"].bias,
                 _raw(mlp.gate_proj).weight, _raw(mlp.up_proj).weight, _raw(mlp.down_proj).weight, mlp.act_fn,
-                attn.hook_attn_scores, float(attn.original_component.scaling),
-                math.frexp(float(attn.original_component.scaling))[0] == 0.5,
+                attn.hook_attn_scores, float(hf_attn.scaling), math.frexp(float(hf_attn.scaling))[0] == 0.5,
+                qk_norm[0], qk_norm[1], norms[1], norms[3],
+                getattr(hf_attn, "layer_type", None) if typed_rope else None,
+                getattr(hf_attn, "sliding_window", None),
             ))
         hf_attn = bridge.blocks[0].attn.original_component
         self.head_dim = int(hf_attn.head_dim)
@@ -187,7 +213,6 @@ class _Stack:
         self.n_kv = self.layers[0].wk.shape[0] // self.head_dim
         self.norm = _raw(bridge.ln_final)
         self.unembed = _raw(bridge.unembed)
-        self.rotary = _rotary(bridge)
 
     @staticmethod
     def of(model: HookedLlava) -> _Stack | None:
@@ -201,16 +226,26 @@ class _Stack:
                 hf_attn = attn.original_component
                 if type(hf_layer).__name__ not in _LLAMA_LAYERS or type(attn).__name__ not in _ATTENTION_BRIDGES:
                     return None
-                if set(attn.submodules) != {"q", "k", "v", "o"} or getattr(attn, "_use_processed_weights", False):
+                if not {"q", "k", "v", "o"} <= set(attn.submodules) <= {"q", "k", "v", "o", "q_norm", "k_norm"}:
+                    return None
+                if getattr(attn, "_use_processed_weights", False):
                     return None
                 if getattr(block.mlp, "_use_processed_weights", False) or not all(
                         hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
                     return None
                 if any(getattr(hf_attn, name, None) is not None for name in
-                       ("attn_logit_softcapping", "sinks", "key_multiplier", "sliding_window")):
+                       ("attn_logit_softcapping", "sinks", "key_multiplier")):
                     return None
+                if getattr(hf_attn, "sliding_window", None) is not None and not hasattr(hf_attn, "layer_type"):
+                    return None  # a window the layer applies by a rule other than its layer type (Mistral's)
                 if not all(type(_raw(n)).__name__.endswith("RMSNorm") for n in (block.ln1, block.ln2)):
                     return None
+                if any(hasattr(hf_layer, name) for name in _SANDWICH[2:]) and not all(
+                        type(_raw(getattr(hf_layer, name, None))).__name__.endswith("RMSNorm") for name in _SANDWICH):
+                    return None
+                if any(getattr(getattr(hf_attn, "config", None), flag, None) for flag in (
+                        "use_bidirectional_attention", "final_logit_softcapping")):
+                    return None  # every position sees every other, or the logits are capped after the unembedding
             cfg = bridge.cfg
             if any(getattr(cfg, flag, False) for flag in ("use_split_qkv_input", "use_attn_in", "use_attn_result",
                                                           "gated_q_proj", "rotary_interleaved_cos_sin",
@@ -223,25 +258,48 @@ class _Stack:
         except AttributeError:
             return None
 
-    def rope(self, embeds: Tensor, start: int, position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """cos, sin ``[1, 1, suffix, d_head]`` for positions ``start..``, as the HF model computes them.
+    def rope(self, embeds: Tensor, start: int, position_ids: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+        """Per layer, cos, sin ``[1, 1, suffix, d_head]`` for positions ``start..``, as the HF model computes them.
 
         `position_ids` are the prompt's 3-D mRoPE position ids ``[3, 1, pos]`` where the model has them (Qwen-VL).
+        Layers of one rotary type share their tensors.
         """
         if position_ids is not None:
             positions = position_ids[:, :, start:]
         else:
             positions = torch.arange(start, embeds.shape[1], device=embeds.device)[None]
-        cos, sin = self.rotary(embeds[:, start:], positions)
-        if cos.shape[-1] != self.head_dim:
-            raise MMLensError("partial rotary embeddings are not supported by the fast path")
-        return cos.unsqueeze(1), sin.unsqueeze(1)
+        by_type: dict[str | None, tuple[Tensor, Tensor]] = {}
+        for rope_type in dict.fromkeys(lay.rope_type for lay in self.layers):
+            args = () if rope_type is None else (rope_type,)
+            cos, sin = self.rotary(embeds[:, start:], positions, *args)
+            if cos.shape[-1] != self.head_dim:
+                raise MMLensError("partial rotary embeddings are not supported by the fast path")
+            by_type[rope_type] = (cos.unsqueeze(1), sin.unsqueeze(1))
+        return [by_type[lay.rope_type] for lay in self.layers]
+
+    def far(self, seq: int, start: int, device: torch.device) -> list[Tensor | None]:
+        """Per layer, the (suffix query, key) pairs outside its sliding window ``[suffix, pos]``, else None.
+
+        A query at position p sees key j only where ``p - j < window`` (transformers' sliding-window causal mask).
+        """
+        masks: dict[int, Tensor] = {}
+        out: list[Tensor | None] = []
+        for lay in self.layers:
+            if lay.window is None or seq <= lay.window:  # the window covers the whole prompt
+                out.append(None)
+                continue
+            if lay.window not in masks:
+                query = torch.arange(start, seq, device=device)[:, None]
+                masks[lay.window] = (query - torch.arange(seq, device=device)[None]) >= lay.window
+            out.append(masks[lay.window])
+        return out
 
     def layer(self, index: int, h: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], prefix: int,
-              last_only: bool, causal: Tensor) -> Tensor:
+              last_only: bool, causal: Tensor, far: Tensor | None = None) -> Tensor:
         """Layer `index` on the suffix states `h` ``[rows, suffix, d_model]`` over the clean prefix's keys/values.
 
-        `last_only`: compute the output of the last position only (keys and values still cover the suffix).
+        `last_only`: compute the output of the last position only (keys and values still cover the suffix);
+        `far`: the (query, key) pairs outside the layer's sliding window (`far`), None when it sees them all.
         """
         lay = self.layers[index]
         n, s, _ = h.shape
@@ -250,8 +308,11 @@ class _Stack:
         y = lay.ln1(h)
         y_q = y[:, -1:] if last_only else y
         sq = y_q.shape[1]
-        q = F.linear(y_q, lay.wq, lay.bq).view(n, sq, heads, d).transpose(1, 2)
-        k = F.linear(y, lay.wk, lay.bk).view(n, s, n_kv, d).transpose(1, 2)
+        q = F.linear(y_q, lay.wq, lay.bq).view(n, sq, heads, d)
+        k = F.linear(y, lay.wk, lay.bk).view(n, s, n_kv, d)
+        if lay.q_norm is not None:  # per head, before RoPE, as HF does
+            q, k = lay.q_norm(q), lay.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = F.linear(y, lay.wv, lay.bv).view(n, s, n_kv, d).transpose(1, 2)
         q = (q * cos[:, :, -sq:]) + (_rotate_half(q) * sin[:, :, -sq:])  # HF's apply_rotary_pos_emb
         # Contiguous keys: a batched product with keys in the projection's transposed layout takes another CPU
@@ -272,6 +333,8 @@ class _Stack:
         if not lay.scale_queries:
             scores.mul_(lay.scaling)  # the bridge's order: (q . k) * scaling, then the mask
         scores[..., prefix:].masked_fill_(causal[-sq:] if sq < s else causal, torch.finfo(scores.dtype).min)
+        if far is not None:
+            scores.masked_fill_(far[-sq:], torch.finfo(scores.dtype).min)
         scores = lay.hook(scores)
         weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).contiguous()
         if prefix and self.exact_values(q.dtype):
@@ -288,9 +351,15 @@ class _Stack:
                 part = torch.bmm(w.reshape(n_kv, n * group * sq, prefix), values)
                 out += part.view(n_kv, n, group * sq, d).transpose(0, 1).reshape(n, heads, sq, d)
         attn = out.transpose(1, 2).reshape(n, sq, heads * d)
-        h = (h[:, -1:] if last_only else h) + F.linear(attn, lay.wo, lay.bo)
+        out = F.linear(attn, lay.wo, lay.bo)
+        if lay.post_attn_norm is not None:
+            out = lay.post_attn_norm(out)
+        h = (h[:, -1:] if last_only else h) + out
         y = lay.ln2(h)
-        return h + F.linear(lay.act(F.linear(y, lay.gate)) * F.linear(y, lay.up), lay.down)
+        out = F.linear(lay.act(F.linear(y, lay.gate)) * F.linear(y, lay.up), lay.down)
+        if lay.post_mlp_norm is not None:
+            out = lay.post_mlp_norm(out)
+        return h + out
 
     @staticmethod
     def exact_values(dtype: torch.dtype) -> bool:
@@ -380,7 +449,8 @@ def _run_stack(stack: _Stack, clean: CleanPass, start: int, rows: Sequence[_Row]
     embeds = clean.embeds
     seq, n_layers = embeds.shape[1], len(stack.layers)
     suffix = seq - start
-    cos, sin = stack.rope(embeds, start, clean.position_ids)
+    ropes = stack.rope(embeds, start, clean.position_ids)
+    fars = stack.far(seq, start, embeds.device)
     causal = torch.ones(suffix, suffix, dtype=torch.bool, device=embeds.device).tril_().logical_not_()
     firsts = [row.first for row in rows]
     plan, hooks = [], []
@@ -400,7 +470,9 @@ def _run_stack(stack: _Stack, clean: CleanPass, start: int, rows: Sequence[_Row]
             if m > h.shape[0]:  # rows whose window starts here join with the clean residual stream
                 joining = clean.resid_pre[layer][:, start:].expand(m - h.shape[0], -1, -1)
                 h = torch.cat([h, joining])
-            h = stack.layer(layer, h, cos, sin, clean.keys_values[layer], start, layer == n_layers - 1, causal)
+            cos, sin = ropes[layer]
+            h = stack.layer(layer, h, cos, sin, clean.keys_values[layer], start, layer == n_layers - 1, causal,
+                            fars[layer])
     return stack.logits(h[:, -1])
 
 

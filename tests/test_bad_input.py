@@ -242,10 +242,10 @@ def _fake_checkpoint(folder: Path, model_type: str) -> Path:
         (lambda d: (d / "file.bin").write_bytes(b"x") and d / "file.bin", "is not a directory"),
         (lambda d: (d / "empty").mkdir() or d / "empty", "is not a Hugging Face checkpoint"),
         (lambda d: _fake_checkpoint(d / "llama", "llama"), "model type 'llama'"),
-        (lambda d: _fake_checkpoint(d / "qwen", "qwen2_vl"), "model type 'qwen2_vl'"),
+        (lambda d: _fake_checkpoint(d / "llama4", "llama4"), "model type 'llama4'"),
         (lambda d: _fake_checkpoint(d / "none", None), "model type None"),
     ],
-    ids=["missing", "file", "no-config", "llama", "qwen2-vl", "no-type"],
+    ids=["missing", "file", "no-config", "llama", "llama4", "no-type"],
 )
 def test_model_that_is_not_a_llava(tmp_path, good_csv, capsys, make, message):
     csv_path, images = good_csv

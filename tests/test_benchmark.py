@@ -13,10 +13,10 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_engine.py"
 
 
-@pytest.mark.parametrize("shape,path", [("default", "layers"), ("gemma3", "bridge"), ("qwen2_5_vl", "layers")])
-def test_benchmark_smoke_run(shape, path):
+@pytest.mark.parametrize("shape", ["default", "gemma3", "qwen2_5_vl"])
+def test_benchmark_smoke_run(shape):
     """Each family's shape, tiny: every block and group is timed, the engines agree, the fast path is the one
-    expected (Gemma 3 through the bridge, Qwen2.5-VL's Qwen2 layer by layer)."""
+    expected (layer by layer: Llama, Gemma 3, Qwen2)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--shape", shape, "--tiny", "--threads", "1"],
                           capture_output=True, text=True, env=env, timeout=900)
@@ -29,7 +29,7 @@ def test_benchmark_smoke_run(shape, path):
     diff = float(re.search(r"max probability difference: (\S+)", out).group(1))
     assert diff < 1e-5
     assert re.search(r"peak memory \(max RSS\): reference \d+ MB, fast \d+ MB, ratio [\d.]+", out)
-    assert f"the fast engine's path: {path}" in out
+    assert "the fast engine's path: layers" in out
 
 
 def test_gpu_benchmark_smoke_run_on_a_cpu():

@@ -20,7 +20,8 @@ IMAGE, PATCH, FEATURES = 64, 8, 16
 TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 
 
-def build(path):
+def build(path, **text_config):
+    """The tiny checkpoint at `path`; `text_config` overrides the text model's settings (e.g. a short window)."""
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
@@ -35,7 +36,7 @@ def build(path):
                                 eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", extra_special_tokens=TOKENS)
     text = Gemma3TextConfig(vocab_size=262145, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-                            sliding_window=1024, max_position_embeddings=2048)
+                            **{"sliding_window": 1024, "max_position_embeddings": 2048, **text_config})
     vision = SiglipVisionConfig(image_size=IMAGE, patch_size=PATCH, hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=1, num_attention_heads=2)
     config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=FEATURES,
@@ -117,6 +118,25 @@ def test_knockout_inside_the_bidirectional_image(gemma3, plain, make_image):
             moved = max(moved, abs(want - clean) / clean)
     print("gemma3 inside-image move", moved, inp.prompt[:80].encode("unicode_escape"))
     assert moved > 1e-4, "no knockout inside the image moved the probability"
+
+
+def test_sliding_window_layers(tmp_path_factory, make_image):
+    """Sliding-window layers shorter than the prompt, alternating with full ones (each with its own rotary
+    embedding): the fast engine's layer path masks what the window hides, and equals the oracle."""
+    from mm_lens.engines import _Stack
+    from mm_lens.model import load
+
+    path = tmp_path_factory.mktemp("tiny_gemma3_sliding")
+    build(path, sliding_window=12, layer_types=["sliding_attention", "full_attention"] * 2)
+    model, plain = load(str(path)), plain_model(str(path))
+    stack = _Stack.of(model)
+    assert stack is not None and [lay.window for lay in stack.layers] == [12, None, 12, None]
+    assert {lay.rope_type for lay in stack.layers} == {"sliding_attention", "full_attention"}
+    inp = _inp(model, make_image(40, 32), spans={"True Option": "red"})
+    assert inp.regions.seq_len > 3 * 12
+    worst = check_knockout_oracle(model, plain, inp, ["Question->Last", "Image->Last", "Last->Last",
+                                                      "True Option->Last"], [range(0, 2), range(2, 4)])
+    print("gemma3 sliding", worst)
 
 
 def test_image_positions_and_markers(gemma3, make_image):
