@@ -11,7 +11,12 @@ last line adds it back to both sides.
     python benchmarks/bench_engine.py                           # realistic shape (8 layers, d_model 512)
     python benchmarks/bench_engine.py --shape llava7b-2layers   # LLaVA-1.5-7B's width (4096, 32 heads,
                                                                 #   MLP 11008, 32,064 tokens), 2 layers
-    python benchmarks/bench_engine.py --tiny                    # a seconds-long smoke run
+    python benchmarks/bench_engine.py --shape gemma3            # Gemma 3 4B's text width, 2 layers, 896 px SigLIP
+    python benchmarks/bench_engine.py --shape qwen2_5_vl        # Qwen2.5-VL-7B's text width, 2 layers
+    python benchmarks/bench_engine.py --tiny                    # a seconds-long smoke run (of --shape's family)
+
+The family shapes build their checkpoint as the family's own classes (a word-level tokenizer with the family's
+special tokens, its processor, its chat template) and load it through `mm_lens.model.load`, as a real one is loaded.
 """
 
 from __future__ import annotations
@@ -245,6 +250,14 @@ def worker(ckpt: str, engine: str, threads: int) -> None:
         t0 = time.perf_counter()
         clean = clean_pass(model, inp)  # a sweep needs it anyway (greedy answer, base probability)
         result["clean_seconds"] = time.perf_counter() - t0
+        unembed = model.bridge.unembed  # one position's logits: a cost every engine call pays once, at any depth
+        last = clean.resid_pre[-1][:, -1]
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            unembed(last)
+            times.append(time.perf_counter() - t0)
+        result["unembed_seconds"] = min(times)
         for block in BLOCKS:
             t0 = time.perf_counter()
             probs = run(model, inp, [parse_edge(block)], windows, token, clean=clean)
@@ -322,6 +335,7 @@ def main() -> None:
     print(f"clean pass (shared by the greedy answer and the fast engine): {ref['clean_seconds']:.2f} s / "
           f"{fast['clean_seconds']:.2f} s")
     print(f"max probability difference: {worst:.2e}")
+    print(f"unembedding of one position (paid once per engine call, at any depth): {fast['unembed_seconds']:.3f} s")
     print(f"the fast engine's path: {fast['fast_path']}")
     print(f"peak memory (max RSS): reference {ref['peak_rss_mb']:.0f} MB, fast {fast['peak_rss_mb']:.0f} MB, "
           f"ratio {fast['peak_rss_mb'] / ref['peak_rss_mb']:.2f} (after load: {ref['rss_after_load_mb']:.0f} / "

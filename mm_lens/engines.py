@@ -299,7 +299,7 @@ class _Stack:
         """Layer `index` on the suffix states `h` ``[rows, suffix, d_model]`` over the clean prefix's keys/values.
 
         `last_only`: compute the output of the last position only (keys and values still cover the suffix);
-        `far`: the (query, key) pairs outside the layer's sliding window (`far`), None when it sees them all.
+        `far`: the (query, key) pairs outside the layer's sliding window (`_Stack.far`), None when it sees them all.
         """
         lay = self.layers[index]
         n, s, _ = h.shape
