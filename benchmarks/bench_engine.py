@@ -227,7 +227,7 @@ def worker(ckpt: str, engine: str, threads: int) -> None:
 
     from mm_lens.data.gqa import Box
     from mm_lens.demo import demo_window
-    from mm_lens.engines import _Stack, clean_pass, get_engine
+    from mm_lens.engines import clean_pass, fast_path, get_engine
     from mm_lens.inputs import prepare
     from mm_lens.knockout import parse_edge
     from mm_lens.model import load
@@ -243,7 +243,7 @@ def worker(ckpt: str, engine: str, threads: int) -> None:
     run = get_engine(engine)
     token = 5
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = {"fast_path": "layers" if _Stack.of(model) is not None else "bridge", "seq_len": inp.regions.seq_len,
+    result = {"fast_path": fast_path(model), "seq_len": inp.regions.seq_len,
               "n_image": len(inp.regions.image_positions),
               "n_question": len(inp.regions.question), "blocks": {}}
     with torch.inference_mode():

@@ -500,6 +500,11 @@ def _run_bridge(model: HookedLlava, clean: CleanPass, start: int, rows: Sequence
     return logits[:, -1]
 
 
+def fast_path(model: HookedLlava) -> str:
+    """The path ``fast_engine(..., path="auto")`` takes on `model`: ``"layers"`` or ``"bridge"``."""
+    return "layers" if _Stack.of(model) is not None else "bridge"
+
+
 def fast_engine(
     model: HookedLlava,
     inp: MultimodalInput,

@@ -29,7 +29,7 @@ def check_knockout_oracle(model: Any, plain: Any, inp: Any, blocks: Sequence[Any
     """Both engines against the oracle on every (block, window); returns the largest relative differences and the
     largest relative move of the probability by a knockout. Where the fast engine runs the language model layer
     by layer, its bridge path is checked too (``fast_bridge``)."""
-    from mm_lens.engines import _Stack, fast_engine, reference_engine
+    from mm_lens.engines import fast_engine, fast_path, reference_engine
     from mm_lens.knockout import Edge, edge_positions, parse_edge
 
     edges = [b if isinstance(b, Edge) else parse_edge(b, inp.regions.spans) for b in blocks]
@@ -43,7 +43,7 @@ def check_knockout_oracle(model: Any, plain: Any, inp: Any, blocks: Sequence[Any
         clean_logits.float().softmax(-1)[token])
     got_by = {"fast": fast_engine(model, inp, edges, windows, token, heads=heads),
               "reference": reference_engine(model, inp, edges, windows, token, heads=heads)}
-    if _Stack.of(model) is not None:
+    if fast_path(model) == "layers":
         got_by["fast_bridge"] = fast_engine(model, inp, edges, windows, token, heads=heads, path="bridge")
     worst = dict.fromkeys([*got_by, "moved"], 0.0)
     for b, edge in enumerate(edges):
