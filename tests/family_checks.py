@@ -60,6 +60,24 @@ def check_knockout_oracle(model: Any, plain: Any, inp: Any, blocks: Sequence[Any
     return worst
 
 
+def check_oracle_suite(model: Any, plain: Any, inp: Any) -> None:
+    """Every knockout check of one prompt against the oracle, each printed: the standard blocks at two windows, one
+    head (``heads=[1]``), a target inside the image, and one just before it (the first marker, cut from the text
+    before it: a suffix from there holds the image positions, which Gemma 3 / Qwen3-VL do not compute causally)."""
+    from mm_lens.knockout import Edge
+
+    worst = check_knockout_oracle(model, plain, inp, ["Image->Question", "Question->Last", "Image->Last",
+                                                      "Image Markers->Last"], [range(0, 2), range(2, 4)])
+    print(model.model_type, worst)
+    single = check_knockout_oracle(model, plain, inp, ["Image->Last", "Question->Last"], [range(0, 4)], heads=[1])
+    print(model.model_type, "heads=[1]", single)
+    start = min(inp.regions.markers)
+    before = Edge(source="Text", target="Image Markers", source_positions=tuple(range(start)),
+                  target_positions=(start,))
+    inside = check_knockout_oracle(model, plain, inp, ["Image Markers->Image", "Image->Last", before], [range(0, 2)])
+    print(model.model_type, "inside / before the image", inside)
+
+
 def check_image_positions(model: Any, inp: Any) -> None:
     """``Image`` = the positions of the image token id; ``Image Markers`` hold none of them."""
     ids = inp.input_ids[0].tolist()

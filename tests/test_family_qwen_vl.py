@@ -10,7 +10,13 @@ import warnings
 import pytest
 import torch
 
-from family_checks import check_flow_cli, check_image_positions, check_knockout_oracle, check_related_by_painting
+from family_checks import (
+    check_flow_cli,
+    check_image_positions,
+    check_knockout_oracle,
+    check_oracle_suite,
+    check_related_by_painting,
+)
 from family_tokenizers import saved_tokenizer
 from oracle import plain_model
 
@@ -82,27 +88,14 @@ def qwen(request, tmp_path_factory):
 
 
 def test_knockout_equals_oracle(qwen, make_image):
+    """Both engines (both fast paths) equal the oracle: the standard blocks, one head, targets inside and before
+    the image (`family_checks.check_oracle_suite`)."""
     from mm_lens.inputs import prepare
-    from mm_lens.knockout import Edge
 
     path, model = qwen
-    plain = plain_model(str(path))
     inp = prepare(model, make_image(60, 44), "Is the cube red or blue ?", protocol="checkpoint",
                   spans={"True Option": "red"})
-    worst = check_knockout_oracle(model, plain, inp, ["Image->Question", "Question->Last", "Image->Last",
-                                                      "Image Markers->Last"], [range(0, 2), range(2, 4)])
-    print(model.model_type, worst)
-    assert worst["moved"] > 1e-3
-    single = check_knockout_oracle(model, plain, inp, ["Image->Last", "Question->Last"], [range(0, 4)], heads=[1])
-    print(model.model_type, "heads=[1]", single)
-    # A target inside the image: the fast engine's suffix starts there and needs the 3-D mRoPE positions.
-    # A target before the image (<|vision_start|>, cut from the text before it): a suffix from there would hold the
-    # image positions, which a suffix run cannot compute as HF does (Qwen3-VL's DeepStack), so it is a full forward.
-    start = min(inp.regions.markers)
-    before = Edge(source="Text", target="Image Markers", source_positions=tuple(range(start)),
-                  target_positions=(start,))
-    inside = check_knockout_oracle(model, plain, inp, ["Image Markers->Image", "Image->Last", before], [range(0, 2)])
-    print(model.model_type, "inside the image", inside)
+    check_oracle_suite(model, plain_model(str(path)), inp)
 
 
 def test_image_positions_and_markers(qwen, make_image):

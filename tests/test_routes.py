@@ -1,7 +1,7 @@
-"""The attention-interface route (`mm_lens.routes`): without it, TL's Qwen2.5-VL adapter (and mm-lens's Qwen2-VL
-subclass of it, `compat.qwen2_vl_adapter`) fires the score hook after HF's native attention (post-softmax weights,
-edits discarded) and mm-lens refuses the model at load; with it, the score hook is pre-softmax and an edit reaches
-the pattern."""
+"""The attention-interface route (`mm_lens.routes`): without it, TL's Qwen2.5-VL and GLM-4V adapters (and mm-lens's
+Qwen2-VL subclass of the first, `compat.qwen2_vl_adapter`) fire the score hook after HF's native attention
+(post-softmax weights, edits discarded) and mm-lens refuses the model at load; with it, the score hook is
+pre-softmax and an edit reaches the pattern."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ import warnings
 import pytest
 import torch
 
-from test_family_qwen_vl import build
+from test_family_glm4v import build as build_glm4v
+from test_family_qwen_vl import build as build_qwen
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
-def qwen_path(request, tmp_path_factory):
-    return build(request.param, tmp_path_factory.mktemp("routes"))
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "glm4v"])
+def native_path(request, tmp_path_factory):
+    """A tiny checkpoint of each native-attention adapter family (Qwen3-VL's adapter is Qwen2.5-VL's kind)."""
+    out = tmp_path_factory.mktemp("routes")
+    return build_glm4v(out) if request.param == "glm4v" else build_qwen(request.param, out)
 
 
 def _load_without_route(path, monkeypatch, check=True):
@@ -32,9 +35,9 @@ def _load_without_route(path, monkeypatch, check=True):
         return mm.load(str(path))
 
 
-def test_without_route_tl_score_hook_is_post_softmax_and_edits_are_discarded(qwen_path, monkeypatch):
+def test_without_route_tl_score_hook_is_post_softmax_and_edits_are_discarded(native_path, monkeypatch):
     """Noticed the day TL computes these adapters' attention itself (then the route may go)."""
-    model = _load_without_route(qwen_path, monkeypatch, check=False)
+    model = _load_without_route(native_path, monkeypatch, check=False)
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     seen = {}
 
@@ -56,19 +59,19 @@ def test_without_route_tl_score_hook_is_post_softmax_and_edits_are_discarded(qwe
     assert torch.allclose(clean, edited)
 
 
-def test_without_route_check_live_refuses(qwen_path, monkeypatch):
+def test_without_route_check_live_refuses(native_path, monkeypatch):
     from mm_lens.errors import MMLensError
 
     with pytest.raises(MMLensError, match="knockout is not live"):
-        _load_without_route(qwen_path, monkeypatch)
+        _load_without_route(native_path, monkeypatch)
 
 
-def test_with_route_score_hook_is_pre_softmax(qwen_path):
+def test_with_route_score_hook_is_pre_softmax(native_path):
     from mm_lens.model import load
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = load(str(qwen_path))
+        model = load(str(native_path))
     seen = {}
 
     def grab(x, hook):

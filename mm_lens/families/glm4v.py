@@ -18,10 +18,11 @@ which the language-model path never uses.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from mm_lens.families.base import Family, processor_without_video
-from mm_lens.families.qwen_vl import ATTENTION_INTERFACE, qwen_codes, qwen_pixel_tiles
+from mm_lens.families.base import processor_without_video
+from mm_lens.families.qwen_vl import QWEN2_5_VL
 
 
 def _processor(path: str) -> Any:
@@ -31,17 +32,11 @@ def _processor(path: str) -> Any:
     return processor_without_video(path, Glm4vProcessor, Glm4vImageProcessorPil)
 
 
-GLM4V = Family(
-    name="glm4v", title="GLM-4V", model_types=("glm4v",), processor=_processor,
-    layout=qwen_codes,
-    model_inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
+#: Qwen2.5-VL's record (its packing, layout, inputs, route, waived torchvision) with GLM-4V's processor and markers.
+GLM4V = dataclasses.replace(
+    QWEN2_5_VL, name="glm4v", title="GLM-4V", model_types=("glm4v",), processor=_processor,
     marker_tokens=("<|begin_of_image|>", "<|end_of_image|>"),
-    pixel_tiles=qwen_pixel_tiles,
-    unused_libraries=("torchvision",),
-    route=ATTENTION_INTERFACE,
     layout_note="`<|begin_of_image|>` `<|image|>` x (h/28)(w/28) `<|end_of_image|>`, smart-resized, row-major",
 )
 
 FAMILIES = (GLM4V,)
-
-__all__ = ["FAMILIES", "GLM4V"]
