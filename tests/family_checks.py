@@ -86,6 +86,17 @@ def check_image_positions(model: Any, inp: Any) -> None:
     assert not set(inp.regions.positions("Image Markers")) & set(image)
 
 
+def check_merged_grid(model: Any, inp: Any, markers: Sequence[str]) -> None:
+    """The Qwen-VL packing (Qwen-VL, GLM-4V): ``Image`` is the image-token positions, one per 2x2-merged cell of
+    ``image_grid_thw``, and ``Image Markers`` are exactly the begin / end `markers`."""
+    check_image_positions(model, inp)
+    ids = inp.input_ids[0].tolist()
+    assert [ids[p] for p in inp.regions.positions("Image Markers")] == [
+        model.tokenizer.convert_tokens_to_ids(t) for t in markers]
+    thw = inp.extra["image_grid_thw"][0].tolist()
+    assert len(inp.regions.positions("Image")) == thw[1] * thw[2] // 4
+
+
 def painted_features(model: Any, image: Any, box: tuple[float, float, float, float]) -> set[int]:
     """Positions of the image features that see `box` (x, y, w, h) painted white into a black copy of `image`,
     the image sent through the family's own processor (its resampling spreads paint only to neighbouring

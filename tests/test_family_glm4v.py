@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from family_checks import check_flow_cli, check_image_positions, check_oracle_suite, check_related_by_painting
+from family_checks import check_flow_cli, check_merged_grid, check_oracle_suite, check_related_by_painting
 from family_tokenizers import saved_tokenizer
 from oracle import plain_model
 
@@ -86,13 +86,7 @@ def test_image_positions_and_markers(glm, make_image):
 
     _, model = glm
     inp = prepare(model, make_image(60, 44), "What is this ?", protocol="checkpoint")
-    check_image_positions(model, inp)
-    ids = inp.input_ids[0].tolist()
-    tok = model.tokenizer
-    markers = [ids[p] for p in inp.regions.positions("Image Markers")]
-    assert markers == [tok.convert_tokens_to_ids("<|begin_of_image|>"), tok.convert_tokens_to_ids("<|end_of_image|>")]
-    thw = inp.extra["image_grid_thw"][0].tolist()
-    assert len(inp.regions.positions("Image")) == thw[1] * thw[2] // 4
+    check_merged_grid(model, inp, ["<|begin_of_image|>", "<|end_of_image|>"])
     types = inp.extra["mm_token_type_ids"][0].tolist()
     assert [p for p, t in enumerate(types) if t == 1] == inp.regions.positions("Image")
 

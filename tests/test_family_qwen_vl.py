@@ -12,8 +12,8 @@ import torch
 
 from family_checks import (
     check_flow_cli,
-    check_image_positions,
     check_knockout_oracle,
+    check_merged_grid,
     check_oracle_suite,
     check_related_by_painting,
 )
@@ -103,13 +103,7 @@ def test_image_positions_and_markers(qwen, make_image):
 
     _, model = qwen
     inp = prepare(model, make_image(60, 44), "What is this ?", protocol="checkpoint")
-    check_image_positions(model, inp)
-    ids = inp.input_ids[0].tolist()
-    tok = model.tokenizer
-    markers = [ids[p] for p in inp.regions.positions("Image Markers")]
-    assert markers == [tok.convert_tokens_to_ids("<|vision_start|>"), tok.convert_tokens_to_ids("<|vision_end|>")]
-    thw = inp.extra["image_grid_thw"][0].tolist()
-    assert len(inp.regions.positions("Image")) == thw[1] * thw[2] // 4
+    check_merged_grid(model, inp, ["<|vision_start|>", "<|vision_end|>"])
 
 
 @pytest.mark.parametrize("size", [(60, 44), (100, 50), (45, 90)])
